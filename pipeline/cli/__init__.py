@@ -1,0 +1,1 @@
+"""Kiln's commands, one module per verb: `python -m pipeline <verb> --help`."""

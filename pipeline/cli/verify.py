@@ -1,0 +1,30 @@
+"""verify: re-hash every store entry against its meta.json; quarantine mismatches."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..settings import Settings
+from ..store import Store, file_manifest
+
+
+def verify(store_root: Path) -> tuple[int, list[str]]:
+    """Return (entries checked, keys quarantined)."""
+    store = Store(store_root)
+    bad: list[str] = []
+    keys = list(store.keys())
+    for key in keys:
+        recorded = store.meta(key).get("files", {})
+        actual = file_manifest(store.out(key))
+        if actual != recorded:
+            changed = sorted(f for f in set(recorded) | set(actual) if recorded.get(f) != actual.get(f))
+            dest = store.quarantine(key)
+            bad.append(key)
+            print(f"verify: {key[:16]}… MISMATCH in {', '.join(changed)}; moved to {dest}")
+    print(f"verify: {len(keys)} entries checked, {len(bad)} quarantined")
+    return len(keys), bad
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("verify", help=__doc__)
+    p.add_argument("--store", type=Path, default=None, help="store dir (default: KILN_STORE / pyproject)")
+    p.set_defaults(func=lambda a, s: 1 if verify((a.store or s.store_dir()).resolve())[1] else 0)

@@ -1,0 +1,34 @@
+"""doit tasks over the store: `doit explain`, `doit gc`, `doit verify`."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from .cli.explain import explain
+from .cli.gc import gc
+from .cli.verify import verify
+from .recipe import Recipe
+from .settings import Settings
+
+
+def store_tasks(recipe: Recipe, settings: Settings) -> Iterator[dict[str, Any]]:
+    store = settings.store_dir(recipe.spec.store)
+    yield {
+        "basename": "explain", "doc": "which stages of recipe=X would run, and why",
+        "actions": [lambda: print("\n".join(explain(recipe.name, settings)))],
+        "uptodate": [False], "verbosity": 2,
+    }
+    yield {
+        "basename": "gc", "doc": "drop unneeded store entries (--max-age-days, --budget-gb, --dry-run)",
+        "params": [
+            {"name": "max_age_days", "long": "max-age-days", "type": float, "default": 30.0},
+            {"name": "budget_gb", "long": "budget-gb", "type": float, "default": 1e12},
+            {"name": "dry_run", "long": "dry-run", "type": bool, "default": False},
+        ],
+        "actions": [lambda max_age_days, budget_gb, dry_run: gc(settings, store, max_age_days, budget_gb, dry_run) and None],
+        "uptodate": [False], "verbosity": 2,
+    }
+    yield {
+        "basename": "verify", "doc": "re-hash store entries, quarantine mismatches",
+        "actions": [lambda: not verify(store)[1]],
+        "uptodate": [False], "verbosity": 2,
+    }

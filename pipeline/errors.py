@@ -1,0 +1,27 @@
+"""Exceptions whose message is meant for the user as-is (no traceback)."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class KilnError(Exception):
+    """Base of every error Kiln reports to the user without a traceback."""
+
+
+class RecipeError(KilnError):
+    """A recipe, target or scheme file is wrong; the message names file:line: field."""
+
+
+class StageFailed(KilnError):
+    """A stage's process failed; the message names its log and its last lines."""
+
+
+class ToolMissing(KilnError):
+    """A tool a stage needs is not installed; the message says how to install it."""
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean x?)' for the closest choices, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""

@@ -1,0 +1,84 @@
+"""Put a store entry's files into the workspace without copying when possible.
+
+Per file, the first method the filesystem allows: reflink (FICLONE: a
+copy-on-write clone), hardlink, symlink, copy. The workspace directory is
+built beside its destination and swapped in by rename, so it is never seen
+half-written.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+FICLONE = 0x40049409  # _IOW(0x94, 9, int) from linux/fs.h
+METHODS = ("reflink", "hardlink", "symlink", "copy")
+
+
+def _reflink(src: Path, dst: Path) -> None:
+    with open(src, "rb") as s, open(dst, "wb") as d:
+        try:
+            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+        except OSError:
+            d.close()
+            dst.unlink()
+            raise
+
+
+def _link_one(method: str, src: Path, dst: Path) -> None:
+    if method == "reflink":
+        _reflink(src, dst)
+    elif method == "hardlink":
+        os.link(src, dst)
+    elif method == "symlink":
+        os.symlink(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def link_tree(src: Path, dst: Path, methods: tuple[str, ...] = METHODS) -> str:
+    """Mirror `src` into the new directory `dst`; return the method used for the files."""
+    dst.mkdir(parents=True)
+    usable = list(methods)
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = Path(dirpath).relative_to(src)
+        for d in dirnames:
+            (dst / rel / d).mkdir()
+        for name in filenames:
+            s, d = Path(dirpath) / name, dst / rel / name
+            while True:
+                try:
+                    _link_one(usable[0], s, d)
+                    break
+                except OSError:
+                    if len(usable) == 1:
+                        raise
+                    usable.pop(0)  # this filesystem refuses it: stop trying it
+    return usable[0]
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Swap `new` into `dest` (rename; the previous content is removed after)."""
+    old = dest.with_name(f".{dest.name}.old.{os.getpid()}")
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    elif dest.exists():
+        os.rename(dest, old)
+    os.rename(new, dest)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def materialize(src: Path, dest: Path, extra: dict[str, str] | None = None,
+                methods: tuple[str, ...] = METHODS) -> str:
+    """Make `dest` mirror `src` (plus small `extra` files written as text)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.new.{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    method = link_tree(src, tmp, methods)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
+    replace_dir(tmp, dest)
+    return method

@@ -1,0 +1,85 @@
+"""The Stage base class: one subclass per module in pipeline/stages/.
+
+A subclass declares, in one place: its `name`, `version` (bump when its output
+changes for the same inputs), `Params` (the schema of `stages.<name>` in a
+recipe, which also documents it), the `tools` whose fingerprints enter its key,
+its `resource` class, and classmethods that read the recipe: does the stage
+apply, which stages feed it, which params and source files enter its key.
+`run` does the work in a child process, writing only into `ctx.out`; heavy
+libraries are imported inside `run`, never at module level.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from .recipe import Recipe
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class StageContext:
+    """What a running stage sees: its params, its inputs' outputs, its sources, its output dir."""
+
+    recipe_name: str
+    params: dict[str, Any]
+    inputs: dict[str, Path]
+    sources: dict[str, Path]
+    out: Path
+    key: str
+    input_keys: dict[str, str] = field(default_factory=dict)
+    tools: dict[str, str] = field(default_factory=dict)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("kiln.stage"))
+
+
+class Stage:
+    name: ClassVar[str]
+    version: ClassVar[int]
+    Params: ClassVar[type[BaseModel]] = NoParams
+    tools: ClassVar[tuple[str, ...]] = ()
+    resource: ClassVar[Literal["light", "heavy"]] = "light"
+    registry: ClassVar[dict[str, type["Stage"]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in Stage.registry:
+                raise TypeError(f"stage {cls.name!r} registered twice")
+            Stage.registry[cls.name] = cls
+
+    # --- planning (pure; runs on every `doit` invocation, keep it cheap) ---
+    @classmethod
+    def applies(cls, recipe: "Recipe") -> bool:
+        return True
+
+    @classmethod
+    def inputs(cls, recipe: "Recipe") -> list[str]:
+        """Names of the stages whose outputs this stage reads."""
+        return []
+
+    @classmethod
+    def params(cls, recipe: "Recipe") -> dict[str, Any]:
+        """Everything that determines the output besides inputs, sources and tools."""
+        return recipe.stage_params(cls.name)
+
+    @classmethod
+    def ships(cls, recipe: "Recipe") -> bool:
+        """Whether the bundle carries this stage's output to the device."""
+        return False
+
+    @classmethod
+    def sources(cls, recipe: "Recipe") -> dict[str, Path]:
+        """Files or directories read by the stage, hashed by content into its key."""
+        return {}
+
+    # --- execution (child process) ---
+    def run(self, ctx: StageContext) -> None:
+        raise NotImplementedError

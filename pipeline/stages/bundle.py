@@ -1,0 +1,94 @@
+"""bundle: `to_device/` with every shipped stage output, a README, `manifest.json`
+(sha256 and size of every file, stage keys, tool versions) and a deterministic
+`<recipe>.tar.gz` (byte-identical when rebuilt from an empty store)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..materialize import link_tree
+from ..stage import Stage, StageContext
+from ..templating import TEMPLATES, render
+from ..tools import fingerprints
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+README_TEMPLATE = "bundle/README.md.j2"
+DEFAULT_EPOCH = 946684800  # 2000-01-01T00:00:00Z
+
+
+class BundleParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source_date_epoch: int | None = Field(
+        None, ge=0, description="mtime of every tar entry; default: env SOURCE_DATE_EPOCH, else 2000-01-01."
+    )
+    compress_level: int = Field(1, ge=0, le=9, description="gzip level of the tarball (0 = store).")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Bundle(Stage):
+    """The device bundle and its tarball."""
+
+    name = "bundle"
+    version = 1
+    Params = BundleParams
+    tools = ("python", "zlib")
+
+    @classmethod
+    def inputs(cls, recipe: "Recipe") -> list[str]:
+        return sorted(n for n, c in Stage.registry.items() if c is not cls and c.applies(recipe) and c.ships(recipe))
+
+    @classmethod
+    def params(cls, recipe: "Recipe") -> dict[str, Any]:
+        own = recipe.stage_params(cls.name)
+        if own["source_date_epoch"] is None:
+            own["source_date_epoch"] = int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH))
+        return {
+            **own,
+            "description": recipe.spec.description,
+            "model_name": recipe.model.name,
+            "target": recipe.target.model_dump(mode="json"),
+            "scheme": recipe.scheme.model_dump(mode="json"),
+            "stage_tools": {n: fingerprints(Stage.registry[n].tools) for n in cls.inputs(recipe)},
+        }
+
+    @classmethod
+    def sources(cls, recipe: "Recipe") -> dict[str, Path]:
+        return {"readme_template": TEMPLATES / README_TEMPLATE}
+
+    def run(self, ctx: StageContext) -> None:
+        p = ctx.params
+        to_device = ctx.out / "to_device"
+        to_device.mkdir()
+        for stage, src in sorted(ctx.inputs.items()):
+            ctx.log.info(f"adding {stage}/ ({link_tree(src, to_device / stage, ('reflink', 'hardlink', 'copy'))})")
+        readme = render(README_TEMPLATE, recipe=ctx.recipe_name, shipped=sorted(ctx.inputs),
+                        keys=ctx.input_keys, **{k: p[k] for k in ("description", "model_name", "target", "scheme")})
+        (to_device / "README.md").write_text(readme)
+        files = {
+            f.relative_to(to_device).as_posix(): {"sha256": sha256_file(f), "size": f.stat().st_size}
+            for f in sorted(to_device.rglob("*")) if f.is_file()
+        }
+        manifest = {"recipe": ctx.recipe_name, "stage_keys": ctx.input_keys,
+                    "tools": {**p["stage_tools"], "bundle": ctx.tools}, "files": files}
+        (to_device / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        from ..tarball import write_tarball
+
+        tar = ctx.out / f"{ctx.recipe_name}.tar.gz"
+        ctx.log.info(f"writing {tar.name} (gzip level {p['compress_level']})")
+        write_tarball(to_device, tar, arcroot=ctx.recipe_name, mtime=p["source_date_epoch"],
+                      compress_level=p["compress_level"])
+        ctx.log.info(f"bundle: {len(files)} files, tarball {tar.stat().st_size / 1e6:.1f} MB")

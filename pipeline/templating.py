@@ -1,0 +1,23 @@
+"""Jinja rendering, sandboxed with StrictUndefined (a missing value is an error, not '')."""
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from jinja2 import FileSystemLoader, StrictUndefined
+from jinja2.sandbox import SandboxedEnvironment
+
+from . import ROOT
+
+TEMPLATES = ROOT / "templates"
+
+
+@cache
+def environment(root: Path = TEMPLATES) -> SandboxedEnvironment:
+    return SandboxedEnvironment(loader=FileSystemLoader(str(root)), undefined=StrictUndefined,
+                                keep_trailing_newline=True, autoescape=False)
+
+
+def render(template: str, **values: Any) -> str:
+    return environment().get_template(template).render(**values)
