@@ -86,6 +86,12 @@ class WeightQuant(Strict):
     block_size: int | None = Field(None, gt=0, description="Group size for per-block.")
     symmetric: bool = Field(True, description="Symmetric (zero offset) weights; HTP wants int8 symmetric.")
 
+    @model_validator(mode="after")
+    def _block(self) -> "WeightQuant":
+        if self.granularity == "per-block" and not self.block_size:
+            raise ValueError("block_size is required when granularity is per-block")
+        return self
+
 
 class ActivationQuant(Strict):
     bits: Literal[8, 16, 32] = Field(16, description="Activation bit width (32 = float).")
@@ -117,9 +123,3 @@ class SchemeSpec(Strict):
         description="llama.cpp quant types to produce (Q2_K, Q4_K_M, Q8_0, ...); one variant each.",
     )
     overrides: list[Override] = Field(default_factory=list, description="Mixed-precision rules, first match wins.")
-
-    @model_validator(mode="after")
-    def _block(self) -> "SchemeSpec":
-        if self.weights.granularity == "per-block" and not self.weights.block_size:
-            raise ValueError("weights.block_size is required when granularity is per-block")
-        return self

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Kiln setup: system packages (apt), .venv with Kiln's pinned Python
+# dependencies, and the embedded model. Idempotent; a second run takes a second.
+#   bash setup.sh            set up (what README command 1 and 2 start with)
+#   PYTHON=python3.12 bash setup.sh   choose the interpreter for .venv (>= 3.11)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+# torch first, pinned: PyPI's default Linux torch is a multi-GB CUDA build;
+# 2.13.0 resolves to the CPU wheel here, and pyproject's range accepts it.
+TORCH_REQ="torch==2.13.0"
+# System packages Kiln's stages call (none of the backbone's stages needs one yet).
+APT_PACKAGES=()
+
+log() { printf 'setup: %s\n' "$*"; }
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  log "apt: installing ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "setup: Python >= 3.11 needed (set PYTHON=...)" >&2; exit 1; }
+
+stamp="$VENV/.kiln-setup"
+want=$(cat pyproject.toml setup.sh | sha256sum | cut -d' ' -f1)
+if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  log ".venv is up to date"
+else
+  [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+  log "installing Python dependencies into $VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_REQ"
+  mapfile -t deps < <("$VENV/bin/python" - <<'PY'
+import tomllib
+p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join(p["dependencies"] + p["optional-dependencies"]["test"]))
+PY
+)
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_REQ" "${deps[@]}"
+  echo "$want" > "$stamp"
+fi
+
+"$VENV/bin/python" -m pipeline fetch-embedded

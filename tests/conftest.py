@@ -1,0 +1,117 @@
+"""Shared fixtures: an isolated Kiln project (recipes, workspace, store in tmp)
+and a tiny seeded random Llama saved as a HF directory."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline import ROOT
+from pipeline.settings import Settings
+
+
+@dataclass
+class Project:
+    """An isolated Kiln setup: recipes/, artifacts/ and a store under tmp."""
+
+    dir: Path
+
+    @property
+    def recipes(self) -> Path:
+        return self.dir / "recipes"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.dir / "artifacts"
+
+    @property
+    def store(self) -> Path:
+        return self.dir / "store"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
+        env.update(KILN_RECIPES=str(self.recipes), KILN_ARTIFACTS=str(self.artifacts),
+                   KILN_STORE=str(self.store), **extra)
+        env.pop("SOURCE_DATE_EPOCH", None)
+        return env
+
+    def settings(self, monkeypatch: pytest.MonkeyPatch) -> Settings:
+        for k, v in self.env().items():
+            if k.startswith("KILN_"):
+                monkeypatch.setenv(k, v)
+        return Settings.from_env()
+
+    def write(self, rel: str, text: str) -> Path:
+        path = self.recipes / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    def doit(self, *args: str, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "--dir", str(ROOT), *args],
+                              env=self.env(**extra_env), capture_output=True, text=True, timeout=900)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"doit {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def popen_doit(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "--dir", str(ROOT), *args],
+                                env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    p = Project(tmp_path / "proj")
+    p.recipes.mkdir(parents=True)
+    for sub in ("targets", "schemes"):
+        shutil.copytree(ROOT / "recipes" / sub, p.recipes / sub)
+    (p.artifacts).mkdir()
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama (seed 0) with a word-level tokenizer, as a HF dir."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny_llama")
+    words = ["<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(125)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=0, eos_token_id=1, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def tiny_project(project: Project, tiny_model_dir: Path) -> Project:
+    """A project with recipe `tiny` (tiny Llama → model → bundle) and its base `_tiny`."""
+    project.write("_tiny.yaml", f"""\
+        model:
+          name: tiny-llama
+          hf_dir: {tiny_model_dir}
+        target: x86_64
+        scheme: fp32
+        """)
+    project.write("tiny.yaml", """\
+        # a tiny recipe for tests
+        extends: _tiny
+        description: tiny random Llama
+        stages:
+          bundle: {compress_level: 1}
+        """)
+    return project

@@ -1,0 +1,159 @@
+"""Keys: stable under reformatting, sensitive to everything that changes an output."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pipeline import tools
+from pipeline.hashing import StatCache
+from pipeline.keys import compute_key, diff, key_material
+from pipeline.plan import plan
+from pipeline.recipe import load_recipe
+from pipeline.stage import Stage
+
+
+def keys(project, monkeypatch, name="tiny") -> dict[str, str]:
+    return {s.stage: s.key for s in plan(load_recipe(name, project.settings(monkeypatch)))}
+
+
+def test_key_is_256_bit_hex(tiny_project, monkeypatch):
+    for key in keys(tiny_project, monkeypatch).values():
+        assert len(key) == 64 and int(key, 16) >= 0
+
+
+def test_reformatting_changes_no_key(tiny_project, monkeypatch, tiny_model_dir):
+    before = keys(tiny_project, monkeypatch)
+    # Same values: comments, flow vs block style, key order, quoting, and the
+    # base inlined instead of extended.
+    tiny_project.write("tiny.yaml", f"""\
+        # rewritten by hand
+        stages:
+          bundle:
+            compress_level: 1   # fast
+        description: "tiny random Llama"
+        scheme: fp32
+        target: {{use: x86_64}}
+        model: {{hf_dir: "{tiny_model_dir}", name: tiny-llama}}
+        """)
+    assert keys(tiny_project, monkeypatch) == before
+
+
+def test_param_change_rekeys_stage_and_downstream_only(tiny_project, monkeypatch):
+    before = keys(tiny_project, monkeypatch)
+    tiny_project.write("tiny.yaml", "extends: _tiny\ndescription: tiny random Llama\nstages: {bundle: {compress_level: 2}}\n")
+    after = keys(tiny_project, monkeypatch)
+    assert after["model"] == before["model"] and after["bundle"] != before["bundle"]
+    tiny_project.write("tiny.yaml", "extends: _tiny\ndescription: tiny random Llama\nmodel: {dtype: bfloat16}\n"
+                       "stages: {bundle: {compress_level: 1}}\n")
+    after = keys(tiny_project, monkeypatch)
+    assert after["model"] != before["model"] and after["bundle"] != before["bundle"]
+
+
+def test_source_content_change_rekeys(tiny_project, monkeypatch, tiny_model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    tiny_project.write("_tiny.yaml", f"model: {{name: tiny-llama, hf_dir: {copy}}}\ntarget: x86_64\nscheme: fp32\n")
+    before = keys(tiny_project, monkeypatch)
+    cfg = copy / "generation_config.json"
+    cfg.write_text(cfg.read_text().replace("{", '{\n  "temperature": 0.5,', 1))
+    assert keys(tiny_project, monkeypatch)["model"] != before["model"]
+
+
+def test_moving_a_source_changes_no_key(tiny_project, monkeypatch, tiny_model_dir, tmp_path):
+    import shutil
+
+    before = keys(tiny_project, monkeypatch)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny_model_dir, moved)
+    tiny_project.write("_tiny.yaml", f"model: {{name: tiny-llama, hf_dir: {moved}}}\ntarget: x86_64\nscheme: fp32\n")
+    assert keys(tiny_project, monkeypatch) == before
+
+
+def test_tool_upgrade_rekeys_stages_using_it(tiny_project, monkeypatch):
+    before = keys(tiny_project, monkeypatch)
+    real = tools.fingerprint.__wrapped__
+
+    monkeypatch.setattr(tools, "fingerprint", lambda t: "99.0" if t == "transformers" else real(t))
+    after = keys(tiny_project, monkeypatch)
+    assert after["model"] != before["model"]  # model lists transformers
+    assert after["bundle"] != before["bundle"]  # via its input key
+
+
+def test_stage_version_bump_rekeys(tiny_project, monkeypatch):
+    before = keys(tiny_project, monkeypatch)
+    monkeypatch.setattr(Stage.registry["bundle"], "version", Stage.registry["bundle"].version + 1)
+    after = keys(tiny_project, monkeypatch)
+    assert after["model"] == before["model"] and after["bundle"] != before["bundle"]
+
+
+def test_template_edit_rekeys_bundle(tiny_project, monkeypatch, tmp_path):
+    from pipeline.stages import bundle
+
+    before = keys(tiny_project, monkeypatch)
+    tpl = tmp_path / "README.md.j2"
+    tpl.write_text("changed {{ recipe }}\n")
+    monkeypatch.setattr(bundle.Bundle, "sources", classmethod(lambda cls, r: {"readme_template": tpl}))
+    after = keys(tiny_project, monkeypatch)
+    assert after["model"] == before["model"] and after["bundle"] != before["bundle"]
+
+
+def test_source_date_epoch_env_enters_bundle_key(tiny_project, monkeypatch):
+    before = keys(tiny_project, monkeypatch)
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1234")
+    assert keys(tiny_project, monkeypatch)["bundle"] != before["bundle"]
+
+
+def test_store_location_is_not_in_keys(tiny_project, monkeypatch, tmp_path):
+    before = keys(tiny_project, monkeypatch)
+    monkeypatch.setenv("KILN_STORE", str(tmp_path / "other-store"))
+    assert {s.stage: s.key for s in plan(load_recipe("tiny"))} == before
+
+
+def test_key_material_order_does_not_matter():
+    a = key_material("s", 1, {"a": 1, "b": [1, 2]}, {"x": "k"}, {}, {"t": "1"})
+    b = key_material("s", 1, {"b": [1, 2], "a": 1}, {"x": "k"}, {}, {"t": "1"})
+    assert compute_key(a) == compute_key(b)
+    assert compute_key(a) != compute_key(key_material("s", 1, {"a": 1, "b": [2, 1]}, {"x": "k"}, {}, {"t": "1"}))
+
+
+def test_diff_names_changed_fields():
+    old = key_material("s", 1, {"dtype": "float32"}, {"model": "aa"}, {}, {"torch": "2.13"})
+    new = key_material("s", 1, {"dtype": "bfloat16"}, {"model": "bb"}, {}, {"torch": "2.13"})
+    assert diff(old, new) == ['inputs.model: "aa" → "bb"', 'params.dtype: "float32" → "bfloat16"']
+
+
+def test_stat_cache_hashes_once_until_file_changes(tmp_path, monkeypatch):
+    from pipeline import hashing
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"x" * 1000)
+    calls = []
+    real = hashing.hash_file_bytes
+    monkeypatch.setattr(hashing, "hash_file_bytes", lambda p: calls.append(p) or real(p))
+    cache = StatCache(tmp_path / "cache.json")
+    h1 = cache.file_hash(f)
+    cache.save()
+    assert StatCache(tmp_path / "cache.json").file_hash(f) == h1 and len(calls) == 1
+    f.write_bytes(b"y" * 1000)
+    os.utime(f, ns=(1, 1))
+    assert StatCache(tmp_path / "cache.json").file_hash(f) != h1 and len(calls) == 2
+
+
+def test_hf_cache_blob_names_are_used_as_hashes(tmp_path):
+    blob_sha = "a" * 64
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / blob_sha).write_bytes(b"weights")
+    snap = tmp_path / "snapshots" / "c0ffee"
+    snap.mkdir(parents=True)
+    (snap / "model.safetensors").symlink_to(f"../../blobs/{blob_sha}")
+    assert StatCache(tmp_path / "c.json").file_hash(snap / "model.safetensors") == "sha256:" + blob_sha
+
+
+@pytest.mark.parametrize("name", ["smollm2_135m_host", "llama32_1b_sm8750"])
+def test_planning_shipped_recipes_is_deterministic(name):
+    a = [(s.stage, s.key) for s in plan(load_recipe(name))]
+    b = [(s.stage, s.key) for s in plan(load_recipe(name))]
+    assert a == b
