@@ -61,11 +61,13 @@ class FileLock:
         self._thread.start()
         return True
 
+    def try_acquire_or_take_over(self) -> bool:
+        """One non-blocking attempt that also clears a stale lock first."""
+        return self.try_acquire() or (self._take_over_if_stale() and self.try_acquire())
+
     def acquire(self, on_wait: Callable[[dict | None], None] | None = None, poll: float = 0.2) -> None:
         told = False
-        while not self.try_acquire():
-            if self._take_over_if_stale():
-                continue
+        while not self.try_acquire_or_take_over():
             if on_wait and not told:
                 on_wait(self.owner())
                 told = True

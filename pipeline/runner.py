@@ -88,7 +88,7 @@ def _resource_slot(spec: StageSpec, settings: Settings) -> Iterator[None]:
     told = False
     while True:
         for slot in slots:
-            if slot.try_acquire() or (slot.is_stale() and slot.try_acquire()):
+            if slot.try_acquire_or_take_over():
                 try:
                     yield
                 finally:

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,20 +61,25 @@ class Project:
             raise AssertionError(f"doit {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def popen_doit(self, *args: str) -> subprocess.Popen:
+    def popen_doit(self, *args: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen:
+        """Start doit in its own process group (so a test can kill the whole group)."""
         return subprocess.Popen([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "--dir", str(ROOT), *args],
-                                env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=self.env(), stdout=stdout, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
+
+
+def new_project(directory: Path) -> Project:
+    p = Project(directory)
+    p.recipes.mkdir(parents=True)
+    for sub in ("targets", "schemes"):
+        shutil.copytree(ROOT / "recipes" / sub, p.recipes / sub)
+    p.artifacts.mkdir()
+    return p
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Project:
-    p = Project(tmp_path / "proj")
-    p.recipes.mkdir(parents=True)
-    for sub in ("targets", "schemes"):
-        shutil.copytree(ROOT / "recipes" / sub, p.recipes / sub)
-    (p.artifacts).mkdir()
-    return p
+    return new_project(tmp_path / "proj")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """docs: the recipe reference, generated from the schemas (README embeds it)."""
 from __future__ import annotations
 
+import json
 import types
 import typing
 from typing import Any
@@ -34,17 +35,24 @@ def _submodels(annotation: Any) -> list[type[BaseModel]]:
     return [m for a in typing.get_args(annotation) for m in _submodels(a)]
 
 
+def _show(value: Any) -> str:
+    if isinstance(value, BaseModel):
+        fields = value.model_dump(mode="json", exclude_defaults=False)
+        text = json.dumps(fields, separators=(", ", ": "))
+        return "see below" if len(text) > 80 else f"`{text}`"
+    return "`" + json.dumps(value) + "`"
+
+
 def rows(model: type[BaseModel], prefix: str = "") -> list[str]:
     out: list[str] = []
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
         if field.is_required():
             default = "required"
-        elif field.default_factory is not None:
-            default = "see below" if _submodels(field.annotation) else f"`{field.default_factory()}`"
         else:
-            default = "—" if field.default is PydanticUndefined else f"`{field.default}`"
-        desc = (field.description or "").replace("\n", " ")
+            value = field.default_factory() if field.default_factory is not None else field.default
+            default = "—" if value is PydanticUndefined else _show(value)
+        desc = (field.description or "").replace("\n", " ").replace("|", "\\|")
         out.append(f"| `{key}` | {_type_name(field.annotation)} | {default} | {desc} |")
         for sub in _submodels(field.annotation):
             if sub not in (TargetSpec, SchemeSpec):

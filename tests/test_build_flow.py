@@ -1,0 +1,109 @@
+"""doit over the tiny model: build, no-op, tweaks, explain, concurrency, failures."""
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+
+from pipeline.store import Store
+
+
+def built(out: str) -> list[str]:
+    return re.findall(r"kiln: \S+:(\S+): built ", out)
+
+
+def test_build_then_noop_then_comment_edit(tiny_project):
+    first = tiny_project.doit("recipe=tiny")
+    assert built(first.stdout) == ["model", "bundle"]
+    assert "kiln: bundle ready:" in first.stdout
+    ws = tiny_project.artifacts / "tiny"
+    manifest = json.loads((ws / "bundle" / "to_device" / "manifest.json").read_text())
+    assert "model/model.safetensors" in manifest["files"] and len(manifest["files"]["model/model.safetensors"]["sha256"]) == 64
+    with tarfile.open(ws / "bundle" / "tiny.tar.gz") as tar:
+        names = tar.getnames()
+        assert "tiny/manifest.json" in names and "tiny/model/config.json" in names
+        assert {m.mtime for m in tar.getmembers()} == {946684800} and {m.uid for m in tar.getmembers()} == {0}
+    summary = json.loads((ws / "model" / "summary.json").read_text())
+    assert summary["num_layers"] == 2 and summary["num_kv_heads"] == 2 and summary["hidden_size"] == 64
+
+    second = tiny_project.doit("recipe=tiny")
+    assert built(second.stdout) == [] and "-- tiny:model" in second.stdout and "-- tiny:bundle" in second.stdout
+
+    text = (tiny_project.recipes / "tiny.yaml").read_text()
+    (tiny_project.recipes / "tiny.yaml").write_text("# a new comment\n" + text.replace("description:", "# x\ndescription:"))
+    third = tiny_project.doit("recipe=tiny")
+    assert built(third.stdout) == []
+
+
+def test_tweak_reruns_downstream_only_and_explain_names_it(tiny_project):
+    tiny_project.doit("recipe=tiny")
+    recipe = tiny_project.recipes / "tiny.yaml"
+    recipe.write_text(recipe.read_text().replace("compress_level: 1", "compress_level: 2"))
+    explain = tiny_project.doit("explain", "recipe=tiny").stdout
+    assert re.search(r"tiny:model \[\w+…\]: up to date", explain)
+    assert re.search(r"tiny:bundle \[\w+…\]: will run: params.compress_level: 1 → 2", explain)
+    out = tiny_project.doit("recipe=tiny").stdout
+    assert built(out) == ["bundle"]
+
+    recipe.write_text(recipe.read_text() + "model: {dtype: bfloat16}\n")
+    explain = tiny_project.doit("explain", "recipe=tiny").stdout
+    assert 'tiny:model' in explain and 'params.dtype: "float32" → "bfloat16"' in explain
+    assert re.search(r"tiny:bundle \[\w+…\]: will run: inputs.model: \"\w+…\w+\" → ", explain)
+    assert built(tiny_project.doit("recipe=tiny").stdout) == ["model", "bundle"]
+    summary = json.loads((tiny_project.artifacts / "tiny" / "model" / "summary.json").read_text())
+    assert summary["dtype"] == "bfloat16"
+
+
+def test_store_is_shared_between_recipes(tiny_project):
+    tiny_project.doit("recipe=tiny")
+    tiny_project.write("tiny2.yaml", "extends: tiny\ndescription: other\n")
+    out = tiny_project.doit("recipe=tiny2").stdout
+    assert built(out) == ["bundle"]  # its model entry is the same key: linked, not rebuilt
+    assert "kiln: tiny2:model: hit" in out
+
+
+def test_parallel_doit_n2_and_two_concurrent_runs_build_each_key_once(tiny_project):
+    procs = [tiny_project.popen_doit("-n", "2", "recipe=tiny") for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sorted(b for o in outs for b in built(o)) == ["bundle", "model"], outs
+    assert all("kiln: bundle ready:" in o for o in outs)
+    assert len(list(Store(tiny_project.store).keys())) == 2
+
+
+def test_recipe_error_exits_nonzero_without_traceback(tiny_project):
+    tiny_project.write("bad.yaml", "extends: tiny\ncontext_length: many\n")
+    proc = tiny_project.doit("recipe=bad", check=False)
+    assert proc.returncode != 0
+    assert "bad.yaml:2: context_length: Input should be a valid integer" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tiny_project.store / "entries").exists()
+
+
+def test_unknown_recipe_lists_recipes(tiny_project):
+    proc = tiny_project.doit("recipe=tinny", check=False)
+    assert proc.returncode != 0 and "unknown recipe 'tinny' (did you mean 'tiny'?)" in proc.stderr
+
+
+def test_failing_stage_names_log_and_leaves_nothing(tiny_project, tmp_path):
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": "not a number"}')
+    tiny_project.write("broken.yaml", f"extends: tiny\nmodel: {{hf_dir: {broken}}}\n")
+    proc = tiny_project.doit("recipe=broken", check=False)
+    assert proc.returncode != 0
+    assert "broken:model failed (exit 1)" in proc.stdout + proc.stderr
+    log = tiny_project.artifacts / "broken" / "logs" / "model.failed.log"
+    assert log.is_file() and "Traceback" in log.read_text()
+    assert list(Store(tiny_project.store).keys()) == []
+    assert not list((tiny_project.store / "scratch").iterdir())
+    assert not (tiny_project.artifacts / "broken" / "model").exists()
+
+
+def test_model_not_on_machine_fails_at_model_stage_with_instructions(project):
+    project.write("gated.yaml", "model: {name: x, hub_id: nobody/absent-model}\ntarget: x86_64\nscheme: fp32\n")
+    assert "gated:model" in project.doit("list", "recipe=gated").stdout
+    proc = project.doit("recipe=gated", check=False)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "gated:model: cannot run here" in text and "hf download nobody/absent-model" in text

@@ -1,0 +1,100 @@
+"""The default recipe end to end on the real SmolLM2-135M-Instruct (slow).
+
+One sequence over one isolated project: a build killed with SIGKILL mid-stage
+leaves no entry; the rerun builds the bundle; a second run runs nothing; a
+rebuild from an empty store gives a byte-identical tarball.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import time
+
+import pytest
+from conftest import new_project
+
+from pipeline import ROOT
+from pipeline.settings import Settings
+from pipeline.store import Store, remove_tree
+
+pytestmark = pytest.mark.slow
+DEFAULT = Settings.from_env().default_recipe
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def default_project(tmp_path_factory):
+    project = new_project(tmp_path_factory.mktemp("e2e") / "proj")
+    shutil.copy(ROOT / "recipes" / f"{DEFAULT}.yaml", project.recipes)
+    shutil.copy(ROOT / "recipes" / "_smollm2_135m.yaml", project.recipes)
+    return project
+
+
+def wait_for(predicate, timeout: float) -> None:
+    end = time.time() + timeout
+    while not predicate():
+        assert time.time() < end, "timed out"
+        time.sleep(0.2)
+
+
+def test_default_recipe_end_to_end(default_project):
+    p = default_project
+    store = Store(p.store)
+    scratch = p.store / "scratch"
+
+    # 1. kill -9 while the model stage is dequantizing: no entry, only scratch.
+    with open(p.dir / "killed.log", "w") as log:
+        proc = p.popen_doit(stdout=log)
+    wait_for(lambda: scratch.is_dir() and any(scratch.iterdir()), 120)
+    time.sleep(3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(store.keys()) == []
+    assert len(list(scratch.iterdir())) == 1
+
+    # 2. the rerun takes over the dead lock and builds everything.
+    out = p.doit().stdout
+    assert re.findall(r": built ", out) and f"kiln: {DEFAULT}:model: built" in out
+    bundle = p.artifacts / DEFAULT / "bundle"
+    tarball = bundle / f"{DEFAULT}.tar.gz"
+    assert f"bundle ready: {bundle / 'to_device'}" in out or "bundle ready:" in out
+    manifest = json.loads((bundle / "to_device" / "manifest.json").read_text())
+    weights = bundle / "to_device" / "model" / "model.safetensors"
+    assert manifest["files"]["model/model.safetensors"] == {"sha256": sha256(weights), "size": weights.stat().st_size}
+    summary = json.loads((p.artifacts / DEFAULT / "model" / "summary.json").read_text())
+    assert (summary["hidden_size"], summary["num_layers"], summary["num_heads"], summary["num_kv_heads"],
+            summary["vocab_size"], summary["parameters"]) == (576, 30, 9, 3, 49152, 134515008)
+    first_tar = sha256(tarball)
+
+    # 3. a second run runs nothing.
+    again = p.doit()
+    assert ": built" not in again.stdout and f"-- {DEFAULT}:model" in again.stdout and f"-- {DEFAULT}:bundle" in again.stdout
+
+    # 4. from an empty store and workspace: the same bytes.
+    shutil.rmtree(p.artifacts)
+    remove_tree(p.store)
+    p.artifacts.mkdir()
+    p.doit()
+    assert sha256(tarball) == first_tar
+
+
+def test_float_model_answers_like_the_seed(default_project):
+    """The model stage's HF checkpoint is the real SmolLM2: greedy chat answer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert ": built" not in default_project.doit().stdout  # built by the test above
+    model_dir = default_project.artifacts / DEFAULT / "model"
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    out = model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert "The capital of France is Paris." in tok.decode(out[0][ids.shape[1]:])

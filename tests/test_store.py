@@ -1,0 +1,188 @@
+"""Store: atomic publish, read-only entries, locks across processes, materialize, gc, verify."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli.gc import gc
+from pipeline.cli.verify import verify
+from pipeline.lock import FileLock
+from pipeline.materialize import materialize
+from pipeline.store import Store
+
+KEY = "ab" * 32
+
+
+def publish_one(store: Store, key: str = KEY, payload: bytes = b"hello") -> None:
+    scratch = store.new_scratch(key)
+    (scratch / "out" / "sub").mkdir()
+    (scratch / "out" / "sub" / "f.bin").write_bytes(payload)
+    assert store.publish(scratch, key, {"stage": "t", "material": {}})
+
+
+def test_publish_is_atomic_and_read_only(tmp_path):
+    store = Store(tmp_path)
+    publish_one(store)
+    entry = store.entry(KEY)
+    assert store.has(KEY) and not list((tmp_path / "scratch").iterdir())
+    f = store.out(KEY) / "sub" / "f.bin"
+    assert stat.S_IMODE(f.stat().st_mode) == 0o444
+    assert stat.S_IMODE(entry.stat().st_mode) == 0o555 and stat.S_IMODE(f.parent.stat().st_mode) == 0o555
+    meta = store.meta(KEY)
+    assert meta["key"] == KEY and meta["files"]["sub/f.bin"]["size"] == 5
+
+
+def test_second_publish_of_same_key_is_discarded(tmp_path):
+    store = Store(tmp_path)
+    publish_one(store)
+    scratch = store.new_scratch(KEY)
+    (scratch / "out" / "other").write_text("x")
+    assert store.publish(scratch, KEY, {}) is False
+    assert not scratch.exists() and (store.out(KEY) / "sub" / "f.bin").read_bytes() == b"hello"
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from pipeline.store import Store
+store = Store(Path(sys.argv[1]))
+scratch = store.new_scratch(sys.argv[2])
+with open(scratch / "out" / "big.bin", "wb") as f:
+    print("writing", flush=True)
+    while True:
+        f.write(b"x" * 65536); time.sleep(0.001)
+"""
+
+
+def test_writer_killed_by_sigkill_leaves_no_entry(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), KEY], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    time.sleep(0.3)
+    proc.kill()
+    proc.wait()
+    store = Store(tmp_path)
+    assert not store.has(KEY) and list(store.keys()) == []
+    leftovers = list((tmp_path / "scratch").iterdir())
+    assert len(leftovers) == 1
+    assert store.stale_scratch(min_age=0) == leftovers  # no live lock: gc may remove it
+
+
+def _contend(lock_path: str, counter: str, rounds: int) -> None:
+    for _ in range(rounds):
+        lock = FileLock(Path(lock_path), heartbeat=0.05)
+        lock.acquire(poll=0.001)
+        try:
+            value = int(Path(counter).read_text())
+            time.sleep(0.001)  # widen the race window
+            Path(counter).write_text(str(value + 1))
+        finally:
+            lock.release()
+
+
+def test_lock_excludes_across_processes(tmp_path):
+    counter = tmp_path / "n"
+    counter.write_text("0")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_contend, args=(str(tmp_path / "k.lock"), str(counter), 40)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert counter.read_text() == "120"
+
+
+def test_dead_owner_lock_is_taken_over(tmp_path):
+    path = tmp_path / "k.lock"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    path.write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": int(dead.stdout), "token": "t"}))
+    lock = FileLock(path)
+    t0 = time.time()
+    lock.acquire()
+    assert time.time() - t0 < 2 and lock.owner()["pid"] == os.getpid()
+    lock.release()
+    assert not path.exists()
+
+
+def test_other_host_lock_waits_for_heartbeat_then_takes_over(tmp_path):
+    path = tmp_path / "k.lock"
+    path.write_text(json.dumps({"host": "other-host", "pid": 1, "token": "t"}))
+    lock = FileLock(path, stale_after=0.5)
+    assert not lock.try_acquire() and not lock.is_stale()
+    old = time.time() - 5
+    os.utime(path, (old, old))  # the other host stopped beating 5 s ago
+    lock.acquire()
+    assert lock.owner()["host"] != "other-host"
+    lock.release()
+
+
+def test_live_lock_heartbeat_keeps_it_fresh(tmp_path):
+    lock = FileLock(tmp_path / "k.lock", heartbeat=0.05, stale_after=0.3)
+    assert lock.try_acquire()
+    time.sleep(0.6)
+    assert not FileLock(tmp_path / "k.lock", stale_after=0.3).is_stale()
+    # even a waiter that sees a foreign-looking owner record trusts the heartbeat
+    lock.release()
+
+
+@pytest.mark.parametrize("methods,expected", [
+    (("reflink", "hardlink", "symlink", "copy"), None),
+    (("symlink", "copy"), "symlink"),
+    (("copy",), "copy"),
+])
+def test_materialize_methods(tmp_path, methods, expected):
+    store = Store(tmp_path / "s")
+    publish_one(store)
+    dest = tmp_path / "ws" / "stage"
+    used = materialize(store.out(KEY), dest, extra={"mark": "k"}, methods=methods)
+    assert used == (expected or used) and used in methods
+    f = dest / "sub" / "f.bin"
+    assert f.read_bytes() == b"hello" and (dest / "mark").read_text() == "k"
+    src = store.out(KEY) / "sub" / "f.bin"
+    if used == "hardlink":
+        assert f.stat().st_ino == src.stat().st_ino
+    if used == "symlink":
+        assert f.is_symlink()
+    # replacing is atomic: a second materialize swaps the whole directory
+    materialize(store.out(KEY), dest, extra={"mark": "k2"}, methods=methods)
+    assert (dest / "mark").read_text() == "k2" and not list(dest.parent.glob(".stage.*"))
+
+
+def test_verify_quarantines_corrupted_entry(tmp_path):
+    store = Store(tmp_path)
+    publish_one(store, KEY)
+    publish_one(store, "cd" * 32, b"other")
+    f = store.out(KEY) / "sub" / "f.bin"
+    os.chmod(f, 0o644)
+    f.write_bytes(b"HELLO")
+    checked, bad = verify(tmp_path)
+    assert checked == 2 and bad == [KEY]
+    assert not store.has(KEY) and (tmp_path / "quarantine" / KEY).is_dir() and store.has("cd" * 32)
+
+
+def test_gc_keeps_needed_entries_and_applies_age_and_budget(tiny_project, monkeypatch):
+    settings = tiny_project.settings(monkeypatch)
+    tiny_project.doit("recipe=tiny")
+    store = Store(tiny_project.store)
+    needed = set(store.keys())
+    assert len(needed) == 2
+    old_key, new_key = "01" * 32, "02" * 32
+    publish_one(store, old_key, b"o" * 1000)
+    publish_one(store, new_key, b"n" * 1000)
+    long_ago = time.time() - 90 * 86400
+    os.utime(store.entry(old_key), (long_ago, long_ago))
+    os.utime(store.entry(next(iter(needed))), (long_ago, long_ago))  # old but needed: kept
+
+    assert gc(settings, tiny_project.store, 30, None, dry_run=True) == [old_key] and store.has(old_key)
+    assert gc(settings, tiny_project.store, 30, None) == [old_key]
+    assert set(store.keys()) == needed | {new_key}
+    assert gc(settings, tiny_project.store, 30, budget_gb=0.0) == [new_key]
+    assert set(store.keys()) == needed  # over budget, yet what recipes need stays
