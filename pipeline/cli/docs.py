@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -73,5 +74,21 @@ def reference() -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def embed(readme: str) -> str:
+    """`readme` with the text between the reference markers replaced by `reference()`."""
+    start, end = readme.index(BEGIN) + len(BEGIN), readme.index(END)
+    return readme[:start] + "\n" + reference() + readme[end:]
+
+
 def add_parser(sub) -> None:
-    sub.add_parser("docs", help=__doc__).set_defaults(func=lambda a, s: print(reference(), end="") or 0)
+    p = sub.add_parser("docs", help=__doc__)
+    p.add_argument("--write", type=Path, metavar="README", help="update the reference inside this file")
+    p.set_defaults(func=_main)
+
+
+def _main(args, settings) -> int:
+    if args.write:
+        args.write.write_text(embed(args.write.read_text()))
+    else:
+        print(reference(), end="")
+    return 0
