@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jinja2 import FileSystemLoader, StrictUndefined
-from jinja2.sandbox import SandboxedEnvironment
+if TYPE_CHECKING:
+    from jinja2.sandbox import SandboxedEnvironment
 
 from . import ROOT
 
@@ -14,7 +14,11 @@ TEMPLATES = ROOT / "templates"
 
 
 @cache
-def environment(root: Path = TEMPLATES) -> SandboxedEnvironment:
+def environment(root: Path = TEMPLATES) -> "SandboxedEnvironment":
+    # Imported here: planning reads TEMPLATES but must not pay for jinja2.
+    from jinja2 import FileSystemLoader, StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
     return SandboxedEnvironment(loader=FileSystemLoader(str(root)), undefined=StrictUndefined,
                                 keep_trailing_newline=True, autoescape=False)
 

@@ -107,3 +107,37 @@ def test_model_not_on_machine_fails_at_model_stage_with_instructions(project):
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "gated:model: cannot run here" in text and "hf download nobody/absent-model" in text
+
+
+def fake_hub_cache(root, hub_id: str, model_dir) -> str:
+    """Lay `model_dir` out the way huggingface_hub caches a download: blobs named by sha256."""
+    import hashlib
+
+    repo = root / f"models--{hub_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in model_dir.iterdir():
+        sha = hashlib.sha256(f.read_bytes()).hexdigest()
+        (repo / "blobs" / sha).write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(f"../../blobs/{sha}")
+    return commit
+
+
+def test_hub_id_resolves_offline_from_hf_cache(project, tiny_model_dir, tmp_path, monkeypatch):
+    from pipeline.plan import plan
+    from pipeline.recipe import load_recipe
+
+    hub = tmp_path / "hub"
+    fake_hub_cache(hub, "someorg/tiny", tiny_model_dir)
+    project.write("hub.yaml", "model: {name: tiny, hub_id: someorg/tiny}\ntarget: x86_64\nscheme: fp32\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    spec = plan(load_recipe("hub", project.settings(monkeypatch)))[0]
+    assert spec.blocked is None and spec.source_paths["weights"].endswith("snapshots/" + "0123456789abcdef" * 2 + "01234567")
+    out = project.doit("recipe=hub", HF_HUB_CACHE=str(hub)).stdout
+    assert built(out) == ["model", "bundle"]
+    summary = json.loads((project.artifacts / "hub" / "model" / "summary.json").read_text())
+    assert summary["num_layers"] == 2

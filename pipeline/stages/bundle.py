@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..materialize import link_tree
 from ..stage import Stage, StageContext
-from ..templating import TEMPLATES, render
+from ..templating import TEMPLATES
 from ..tools import fingerprints
 
 if TYPE_CHECKING:
@@ -75,6 +75,8 @@ class Bundle(Stage):
         to_device.mkdir()
         for stage, src in sorted(ctx.inputs.items()):
             ctx.log.info(f"adding {stage}/ ({link_tree(src, to_device / stage, ('reflink', 'hardlink', 'copy'))})")
+        from ..templating import render
+
         readme = render(README_TEMPLATE, recipe=ctx.recipe_name, shipped=sorted(ctx.inputs),
                         keys=ctx.input_keys, **{k: p[k] for k in ("description", "model_name", "target", "scheme")})
         (to_device / "README.md").write_text(readme)
