@@ -111,7 +111,7 @@ def _run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> None:
     }
     (scratch / "job.json").write_text(json.dumps(job, indent=2))
     log_path = scratch / "log.txt"
-    say(f"{spec.task_name}: building key {spec.key[:16]}… (log: {settings.shown(log_path)})")
+    say(f"{spec.task_name}: building key {spec.key[:16]}…")
     start = time.time()
     rc, tail = _run_child([sys.executable, "-m", "pipeline.run_stage", str(scratch / "job.json")], log_path, settings)
     duration = time.time() - start
@@ -130,7 +130,9 @@ def _run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> None:
         "sources": spec.source_paths, "host": socket.gethostname(), "pid": os.getpid(),
         "start": start, "duration_s": round(duration, 3), "exit_status": rc, "log": "log.txt",
     }
-    if not store.publish(scratch, spec.key, meta):
+    if store.publish(scratch, spec.key, meta):
+        say(f"{spec.task_name}: done in {duration:.1f}s (log: {settings.shown(store.entry(spec.key) / 'log.txt')})")
+    else:
         say(f"{spec.task_name}: another process published {spec.key[:16]}… first; using it")
 
 
