@@ -38,13 +38,13 @@ def _link_one(method: str, src: Path, dst: Path) -> None:
 
 
 def link_tree(src: Path, dst: Path, methods: tuple[str, ...] = METHODS) -> str:
-    """Mirror `src` into the new directory `dst`; return the method used for the files."""
-    dst.mkdir(parents=True)
+    """Mirror `src` into `dst` (created, or merged into when it exists); return the method used."""
+    dst.mkdir(parents=True, exist_ok=True)
     usable = list(methods)
     for dirpath, dirnames, filenames in os.walk(src):
         rel = Path(dirpath).relative_to(src)
         for d in dirnames:
-            (dst / rel / d).mkdir()
+            (dst / rel / d).mkdir(exist_ok=True)
         for name in filenames:
             s, d = Path(dirpath) / name, dst / rel / name
             while True:

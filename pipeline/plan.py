@@ -16,17 +16,19 @@ from .errors import KilnError
 from .hashing import StatCache
 from .keys import compute_key, key_material
 from .recipe import Recipe
-from .stage import Stage
+from .stage import Stage, node_id
 from .tools import fingerprints
 
 
 @dataclass(frozen=True)
 class StageSpec:
-    stage: str
+    stage: str                    # node id: "name" or "name@variant"
+    name: str                     # the Stage class's name
+    variant: str
     recipe: str
     key: str
     material: dict[str, Any]
-    inputs: dict[str, str]        # input stage name → its key
+    inputs: dict[str, str]        # input node id → its key
     source_paths: dict[str, str]  # source name → path (not part of the key)
     resource: str
     store: Path
@@ -38,18 +40,20 @@ class StageSpec:
         return f"{self.recipe}:{self.stage}"
 
 
-def stage_order(recipe: Recipe) -> list[type[Stage]]:
+def stage_graph(recipe: Recipe) -> list[tuple[type[Stage], str]]:
+    """(stage class, variant) for every node of the recipe, inputs first."""
     from . import stages  # noqa: F401  (registers stages)
 
-    active = {n: c for n, c in Stage.registry.items() if c.applies(recipe)}
+    nodes = {node_id(c.name, v): (c, v) for c in Stage.registry.values() if c.applies(recipe)
+             for v in c.variants(recipe)}
     graph: dict[str, list[str]] = {}
-    for name, cls in active.items():
-        deps = cls.inputs(recipe)
-        missing = [d for d in deps if d not in active]
+    for nid, (cls, variant) in nodes.items():
+        deps = cls.inputs(recipe, variant)
+        missing = [d for d in deps if d not in nodes]
         if missing:
-            raise KilnError(f"stage {name} needs {missing}, which do not apply to recipe {recipe.name}")
-        graph[name] = deps
-    return [active[n] for n in graphlib.TopologicalSorter(graph).static_order()]
+            raise KilnError(f"stage {nid} needs {missing}, which do not apply to recipe {recipe.name}")
+        graph[nid] = deps
+    return [nodes[n] for n in graphlib.TopologicalSorter(graph).static_order()]
 
 
 def plan(recipe: Recipe, cache: StatCache | None = None) -> list[StageSpec]:
@@ -59,24 +63,26 @@ def plan(recipe: Recipe, cache: StatCache | None = None) -> list[StageSpec]:
     store = settings.store_dir(recipe.spec.store)
     keys: dict[str, str] = {}
     specs: list[StageSpec] = []
-    for cls in stage_order(recipe):
+    for cls, variant in stage_graph(recipe):
+        nid = node_id(cls.name, variant)
         blocked = None
         try:
-            source_paths = cls.sources(recipe)
+            source_paths = cls.sources(recipe, variant)
             source_hashes = {n: cache.source_hash(p) for n, p in sorted(source_paths.items())}
+            tools = fingerprints(cls.tool_names(recipe, variant))
         except (KilnError, FileNotFoundError) as e:
-            blocked = str(e) if isinstance(e, KilnError) else f"{cls.name}: source not found: {e}"
-            source_paths, source_hashes = {}, {"unavailable": blocked}
-        inputs = {d: keys[d] for d in cls.inputs(recipe)}
+            blocked = str(e) if isinstance(e, KilnError) else f"{nid}: source not found: {e}"
+            source_paths, source_hashes, tools = {}, {"unavailable": blocked}, {}
+        inputs = {d: keys[d] for d in cls.inputs(recipe, variant)}
         blocked = blocked or next((s.blocked for s in specs if s.stage in inputs and s.blocked), None)
-        material = key_material(cls.name, cls.version, cls.params(recipe), inputs,
-                                source_hashes, fingerprints(cls.tools))
-        keys[cls.name] = compute_key(material)
+        material = key_material(nid, cls.version, cls.params(recipe, variant), inputs, source_hashes, tools)
+        keys[nid] = compute_key(material)
         specs.append(StageSpec(
-            stage=cls.name, recipe=recipe.name, key=keys[cls.name], material=material,
-            inputs=inputs, source_paths={n: str(p) for n, p in source_paths.items()},
-            resource=cls.resource, store=store,
-            workspace=settings.artifacts / recipe.name / cls.name, blocked=blocked,
+            stage=nid, name=cls.name, variant=variant, recipe=recipe.name, key=keys[nid],
+            material=material, inputs=inputs,
+            source_paths={n: str(p) for n, p in source_paths.items()},
+            resource=cls.resource, store=store, workspace=settings.artifacts / recipe.name / nid,
+            blocked=blocked,
         ))
     if own_cache:
         cache.save()

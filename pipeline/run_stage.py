@@ -20,7 +20,7 @@ def main(job_file: str) -> int:
     job = json.loads(Path(job_file).read_text())
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     ctx = StageContext(
-        recipe_name=job["recipe"], params=job["params"],
+        recipe_name=job["recipe"], variant=job["variant"], params=job["params"],
         inputs={k: Path(v) for k, v in job["inputs"].items()},
         sources={k: Path(v) for k, v in job["sources"].items()},
         out=Path(job["out"]), key=job["key"], input_keys=job["input_keys"], tools=job["tools"],

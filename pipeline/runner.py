@@ -103,7 +103,7 @@ def _resource_slot(spec: StageSpec, settings: Settings) -> Iterator[None]:
 def _run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> None:
     scratch = store.new_scratch(spec.key)
     job = {
-        "stage": spec.stage, "recipe": spec.recipe, "key": spec.key,
+        "stage": spec.name, "variant": spec.variant, "recipe": spec.recipe, "key": spec.key,
         "params": spec.material["params"], "tools": spec.material["tools"],
         "input_keys": spec.inputs,
         "inputs": {name: str(store.out(k)) for name, k in spec.inputs.items()},

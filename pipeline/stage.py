@@ -21,6 +21,10 @@ if TYPE_CHECKING:
     from .recipe import Recipe
 
 
+def node_id(name: str, variant: str = "") -> str:
+    return f"{name}@{variant}" if variant else name
+
+
 class NoParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -30,6 +34,7 @@ class StageContext:
     """What a running stage sees: its params, its inputs' outputs, its sources, its output dir."""
 
     recipe_name: str
+    variant: str
     params: dict[str, Any]
     inputs: dict[str, Path]
     sources: dict[str, Path]
@@ -56,29 +61,40 @@ class Stage:
             Stage.registry[cls.name] = cls
 
     # --- planning (pure; runs on every `doit` invocation, keep it cheap) ---
+    # A stage may run several times in one recipe, once per *variant* (e.g.
+    # one gguf.quantize per quant type); its node id is then "name@variant".
     @classmethod
     def applies(cls, recipe: "Recipe") -> bool:
         return True
 
     @classmethod
-    def inputs(cls, recipe: "Recipe") -> list[str]:
-        """Names of the stages whose outputs this stage reads."""
+    def variants(cls, recipe: "Recipe") -> list[str]:
+        return [""]
+
+    @classmethod
+    def inputs(cls, recipe: "Recipe", variant: str) -> list[str]:
+        """Node ids (see `node_id`) of the stages whose outputs this one reads."""
         return []
 
     @classmethod
-    def params(cls, recipe: "Recipe") -> dict[str, Any]:
+    def params(cls, recipe: "Recipe", variant: str) -> dict[str, Any]:
         """Everything that determines the output besides inputs, sources and tools."""
         return recipe.stage_params(cls.name)
 
     @classmethod
-    def ships(cls, recipe: "Recipe") -> bool:
-        """Whether the bundle carries this stage's output to the device."""
-        return False
+    def ships(cls, recipe: "Recipe", variant: str) -> str | None:
+        """Where in the bundle's `to_device/` this output goes ('.' = top), or None."""
+        return None
 
     @classmethod
-    def sources(cls, recipe: "Recipe") -> dict[str, Path]:
+    def sources(cls, recipe: "Recipe", variant: str) -> dict[str, Path]:
         """Files or directories read by the stage, hashed by content into its key."""
         return {}
+
+    @classmethod
+    def tool_names(cls, recipe: "Recipe", variant: str) -> tuple[str, ...]:
+        """Tools whose fingerprints enter the key (default: the class's `tools`)."""
+        return cls.tools
 
     # --- execution (child process) ---
     def run(self, ctx: StageContext) -> None:

@@ -95,7 +95,7 @@ def test_template_edit_rekeys_bundle(tiny_project, monkeypatch, tmp_path):
     before = keys(tiny_project, monkeypatch)
     tpl = tmp_path / "README.md.j2"
     tpl.write_text("changed {{ recipe }}\n")
-    monkeypatch.setattr(bundle.Bundle, "sources", classmethod(lambda cls, r: {"readme_template": tpl}))
+    monkeypatch.setattr(bundle.Bundle, "sources", classmethod(lambda cls, r, v="": {"readme_template": tpl}))
     after = keys(tiny_project, monkeypatch)
     assert after["model"] == before["model"] and after["bundle"] != before["bundle"]
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..materialize import link_tree
-from ..stage import Stage, StageContext
+from ..stage import Stage, StageContext, node_id
 from ..templating import TEMPLATES
 from ..tools import fingerprints
 
@@ -48,11 +48,17 @@ class Bundle(Stage):
     tools = ("python", "zlib")
 
     @classmethod
-    def inputs(cls, recipe: "Recipe") -> list[str]:
-        return sorted(n for n, c in Stage.registry.items() if c is not cls and c.applies(recipe) and c.ships(recipe))
+    def shipped(cls, recipe: "Recipe") -> dict[str, str]:
+        """{node id: place in to_device/} of every stage output the bundle carries."""
+        return {node_id(c.name, v): place for c in Stage.registry.values() if c is not cls and c.applies(recipe)
+                for v in c.variants(recipe) if (place := c.ships(recipe, v)) is not None}
 
     @classmethod
-    def params(cls, recipe: "Recipe") -> dict[str, Any]:
+    def inputs(cls, recipe: "Recipe", variant: str = "") -> list[str]:
+        return sorted(cls.shipped(recipe))
+
+    @classmethod
+    def params(cls, recipe: "Recipe", variant: str = "") -> dict[str, Any]:
         own = recipe.stage_params(cls.name)
         if own["source_date_epoch"] is None:
             own["source_date_epoch"] = int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH))
@@ -62,11 +68,13 @@ class Bundle(Stage):
             "model_name": recipe.model.name,
             "target": recipe.target.model_dump(mode="json"),
             "scheme": recipe.scheme.model_dump(mode="json"),
-            "stage_tools": {n: fingerprints(Stage.registry[n].tools) for n in cls.inputs(recipe)},
+            "places": cls.shipped(recipe),
+            "stage_tools": {n: fingerprints(Stage.registry[n.split("@")[0]].tool_names(recipe, n.partition("@")[2]))
+                            for n in cls.inputs(recipe)},
         }
 
     @classmethod
-    def sources(cls, recipe: "Recipe") -> dict[str, Path]:
+    def sources(cls, recipe: "Recipe", variant: str = "") -> dict[str, Path]:
         return {"readme_template": TEMPLATES / README_TEMPLATE}
 
     def run(self, ctx: StageContext) -> None:
@@ -74,10 +82,12 @@ class Bundle(Stage):
         to_device = ctx.out / "to_device"
         to_device.mkdir()
         for stage, src in sorted(ctx.inputs.items()):
-            ctx.log.info(f"adding {stage}/ ({link_tree(src, to_device / stage, ('reflink', 'hardlink', 'copy'))})")
+            place = p["places"][stage]
+            method = link_tree(src, to_device / place, ("reflink", "hardlink", "copy"))
+            ctx.log.info(f"adding {stage} as {place}/ ({method})")
         from ..templating import render
 
-        readme = render(README_TEMPLATE, recipe=ctx.recipe_name, shipped=sorted(ctx.inputs),
+        readme = render(README_TEMPLATE, recipe=ctx.recipe_name, places=p["places"],
                         keys=ctx.input_keys, **{k: p[k] for k in ("description", "model_name", "target", "scheme")})
         (to_device / "README.md").write_text(readme)
         files = {

@@ -49,19 +49,21 @@ class Model(Stage):
     resource = "heavy"
 
     @classmethod
-    def params(cls, recipe: "Recipe") -> dict[str, Any]:
+    def params(cls, recipe: "Recipe", variant: str = "") -> dict[str, Any]:
         m = recipe.model
         kind = "gguf" if (m.gguf or m.embedded) else "hf"
         return {"kind": kind, "dtype": m.dtype}
 
     @classmethod
-    def ships(cls, recipe: "Recipe") -> bool:
-        # Until a runtime-specific stage (GGUF, QNN, MNN...) ships instead,
-        # the bundle carries the HF checkpoint itself.
-        return True
+    def ships(cls, recipe: "Recipe", variant: str = "") -> str | None:
+        # When no runtime-specific stage (GGUF, QNN, MNN...) ships anything
+        # for this recipe, the bundle carries the HF checkpoint itself.
+        others = (c.ships(recipe, v) for c in Stage.registry.values()
+                  if c is not cls and c.name != "bundle" and c.applies(recipe) for v in c.variants(recipe))
+        return None if any(o is not None for o in others) else "model"
 
     @classmethod
-    def sources(cls, recipe: "Recipe") -> dict[str, Path]:
+    def sources(cls, recipe: "Recipe", variant: str = "") -> dict[str, Path]:
         m = recipe.model
         if m.embedded:
             return {"weights": resolve_embedded(m.embedded)}
