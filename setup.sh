@@ -11,8 +11,10 @@ VENV=.venv
 # torch first, pinned: PyPI's default Linux torch is a multi-GB CUDA build;
 # 2.13.0 resolves to the CPU wheel here, and pyproject's range accepts it.
 TORCH_REQ="torch==2.13.0"
-# System packages Kiln's stages call (none of the backbone's stages needs one yet).
-APT_PACKAGES=()
+# System packages Kiln's stages call: the aarch64 cross toolchain, qemu-user
+# (runs aarch64 binaries here), ccache (warm llama.cpp rebuilds), cmake, and
+# bible-kjv (public-domain KJV text for calibration/evaluation).
+APT_PACKAGES=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user-static ccache cmake make bible-kjv)
 
 log() { printf 'setup: %s\n' "$*"; }
 
@@ -23,7 +25,7 @@ done
 if ((${#missing[@]})); then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   log "apt: installing ${missing[*]}"
-  $sudo apt-get update -qq
+  $sudo apt-get update -qq || true
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
 fi
 
@@ -48,4 +50,4 @@ PY
   echo "$want" > "$stamp"
 fi
 
-"$VENV/bin/python" -m pipeline fetch-embedded
+"$VENV/bin/python" -m pipeline fetch

@@ -1,4 +1,4 @@
-"""`python -m pipeline <verb>`: explain, gc, verify, list, docs, fetch-embedded."""
+"""`python -m pipeline <verb>`: explain, gc, verify, list, docs, fetch."""
 from __future__ import annotations
 
 import argparse

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import RecipeError, did_you_mean
-from .recipe_schema import ModelSpec, SchemeSpec, TargetSpec
+from .recipe_schema import ModelSpec, SchemeSpec, TargetSpec, TextSpec
 from .settings import Settings
 from .stage import Stage
 from .yamlpos import FieldPath, Location, deep_merge, format_path, load_located
@@ -46,6 +46,7 @@ def recipe_model() -> type[BaseModel]:
         scheme=(SchemeSpec, Field(description="Scheme name from recipes/schemes/, or `{use: name, ...overrides}`.")),
         context_length=(int, Field(4096, ge=16, le=131072, description="KV-cache length (tokens) of exported graphs.")),
         ar_lengths=(list[int], Field([128, 1], min_length=1, description="AR (tokens per step) variants: prefill and decode graphs.")),
+        text=(TextSpec, Field(default_factory=TextSpec, description="Calibration and evaluation text.")),
         store=(str | None, Field(None, description="Store directory (shared storage); KILN_STORE overrides; never part of a key.")),
         stages=(stage_params, Field(default_factory=stage_params, description="Per-stage settings, by stage name.")),
     )

@@ -64,6 +64,10 @@ class Cpu(Strict):
     arch: Literal["aarch64", "x86_64"] = Field(description="CPU architecture binaries are built for.")
     core: str = Field("", description="Core name for docs and emulation, e.g. cortex-a55.")
     march: str = Field("", description="-march / GGML_CPU_ARM_ARCH value, e.g. armv8.2-a+dotprod+fp16.")
+    qemu_cpu: str = Field(
+        "max", description="`qemu-aarch64-static -cpu` model used to run the target's binaries here "
+        "(qemu 7.2 has no cortex-a55: cortex-a76 has the same dotprod/fp16 extensions)."
+    )
 
 
 class TargetSpec(Strict):
@@ -101,6 +105,30 @@ class KvQuant(Strict):
     bits: Literal[8, 16, 32] = Field(8, description="KV-cache bit width; Genie shares one encoding per in/out pair.")
 
 
+GgufType = Literal[
+    "Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M",
+    "Q5_0", "Q5_1", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS", "F16", "BF16",
+]
+
+
+class TextSource(Strict):
+    """Text from Debian's KJV Bible (`bible` program, package bible-kjv) or a local file."""
+
+    kjv: str | None = Field(None, description="Verse range for Debian's `bible`, e.g. `Gen1:1-50:26`.")
+    file: str | None = Field(None, description="A UTF-8 text file (relative paths from the repository root).")
+
+    @model_validator(mode="after")
+    def _one(self) -> "TextSource":
+        if (self.kjv is None) == (self.file is None):
+            raise ValueError("give exactly one of kjv, file")
+        return self
+
+
+class TextSpec(Strict):
+    calibration: TextSource = Field(TextSource(kjv="Gen1:1-50:26"), description="Calibration text (imatrix, PTQ).")
+    evaluation: TextSource = Field(TextSource(kjv="Exod1:1-40:38"), description="Held-out evaluation text (perplexity); must not overlap calibration.")
+
+
 class Override(Strict):
     match: str = Field(description="Regex over tensor/op names, e.g. `lm_head|embed_tokens`.")
     weights: WeightQuant | None = Field(None, description="Weight quantization for matches.")
@@ -118,8 +146,14 @@ class SchemeSpec(Strict):
     algorithm: Literal["none", "rtn", "mse", "seqmse", "gptq", "smoothquant", "adaround"] = Field(
         "none", description="PTQ algorithm."
     )
-    gguf_types: list[str] = Field(
+    gguf_types: list[GgufType] = Field(
         default_factory=list,
-        description="llama.cpp quant types to produce (Q2_K, Q4_K_M, Q8_0, ...); one variant each.",
+        description="llama.cpp quant types to produce, one variant each; the first is the bundle's default.",
+    )
+    gguf_outtype: Literal["f32", "f16", "bf16", "q8_0"] = Field(
+        "f16", description="convert_hf_to_gguf.py --outtype: the float GGUF the quant types start from."
+    )
+    gguf_imatrix: bool = Field(
+        False, description="Quantize with an importance matrix computed (llama-imatrix) on the calibration text."
     )
     overrides: list[Override] = Field(default_factory=list, description="Mixed-precision rules, first match wins.")

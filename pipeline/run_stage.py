@@ -23,7 +23,8 @@ def main(job_file: str) -> int:
         recipe_name=job["recipe"], variant=job["variant"], params=job["params"],
         inputs={k: Path(v) for k, v in job["inputs"].items()},
         sources={k: Path(v) for k, v in job["sources"].items()},
-        out=Path(job["out"]), key=job["key"], input_keys=job["input_keys"], tools=job["tools"],
+        out=Path(job["out"]), key=job["key"], cache=Path(job["cache"]), tools=job["tools"],
+        input_keys=job["input_keys"], input_tools=job["input_tools"],
         log=logging.getLogger(f"kiln.{job['stage']}"),
     )
     try:

@@ -106,8 +106,9 @@ def _run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> None:
         "stage": spec.name, "variant": spec.variant, "recipe": spec.recipe, "key": spec.key,
         "params": spec.material["params"], "tools": spec.material["tools"],
         "input_keys": spec.inputs,
+        "input_tools": {name: store.meta(k)["material"]["tools"] for name, k in spec.inputs.items()},
         "inputs": {name: str(store.out(k)) for name, k in spec.inputs.items()},
-        "sources": spec.source_paths, "out": str(scratch / "out"),
+        "sources": spec.source_paths, "out": str(scratch / "out"), "cache": str(store.root / "cache"),
     }
     (scratch / "job.json").write_text(json.dumps(job, indent=2))
     log_path = scratch / "log.txt"

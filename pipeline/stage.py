@@ -40,7 +40,9 @@ class StageContext:
     sources: dict[str, Path]
     out: Path
     key: str
+    cache: Path  # per-store mutable cache for tools (ccache), shared by every build of any key
     input_keys: dict[str, str] = field(default_factory=dict)
+    input_tools: dict[str, dict[str, str]] = field(default_factory=dict)  # tool versions behind each input
     tools: dict[str, str] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("kiln.stage"))
 

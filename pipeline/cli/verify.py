@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..settings import Settings
 from ..store import Store, file_manifest
 
 

@@ -2,4 +2,17 @@
 
 Adding a stage is adding one module here and listing it below.
 """
-from . import bundle, model  # noqa: F401  (import registers the stages)
+from . import (  # noqa: F401  (import registers the stages)
+    bundle,
+    eval_perplexity,
+    gguf_convert,
+    gguf_imatrix,
+    gguf_quantize,
+    llamacpp_build,
+    llamacpp_package,
+    llamacpp_source,
+    model,
+    report,
+    text,
+    verify_llamacpp,
+)

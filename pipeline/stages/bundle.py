@@ -14,7 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..materialize import link_tree
 from ..stage import Stage, StageContext, node_id
 from ..templating import TEMPLATES
-from ..tools import fingerprints
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -69,8 +68,6 @@ class Bundle(Stage):
             "target": recipe.target.model_dump(mode="json"),
             "scheme": recipe.scheme.model_dump(mode="json"),
             "places": cls.shipped(recipe),
-            "stage_tools": {n: fingerprints(Stage.registry[n.split("@")[0]].tool_names(recipe, n.partition("@")[2]))
-                            for n in cls.inputs(recipe)},
         }
 
     @classmethod
@@ -95,7 +92,7 @@ class Bundle(Stage):
             for f in sorted(to_device.rglob("*")) if f.is_file()
         }
         manifest = {"recipe": ctx.recipe_name, "stage_keys": ctx.input_keys,
-                    "tools": {**p["stage_tools"], "bundle": ctx.tools}, "files": files}
+                    "tools": {**ctx.input_tools, "bundle": ctx.tools}, "files": files}
         (to_device / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         from ..tarball import write_tarball
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..embedded import resolve as resolve_embedded
+from ..downloads import resolve_embedded
 from ..errors import KilnError
 from ..stage import NoParams, Stage, StageContext
 

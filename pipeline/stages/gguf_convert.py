@@ -1,0 +1,39 @@
+"""gguf.convert: the model stage's HF checkpoint → one float GGUF, with the tree's own
+convert_hf_to_gguf.py and gguf-py (PyPI's gguf lacks what this converter needs)."""
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from ..llamacpp import LlamacppStage, gguf_name
+from ..proc import run_tool
+from ..stage import NoParams, StageContext
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+
+class GgufConvert(LlamacppStage):
+    """HF → GGUF; the outtype comes from the scheme (`gguf_outtype`)."""
+
+    name = "gguf.convert"
+    version = 1
+    Params = NoParams
+    tools = ("python", "torch", "transformers", "numpy", "tokenizers")
+
+    @classmethod
+    def inputs(cls, recipe: "Recipe", variant: str = "") -> list[str]:
+        return ["model", "llamacpp.source"]
+
+    @classmethod
+    def params(cls, recipe: "Recipe", variant: str = "") -> dict[str, Any]:
+        return {"outtype": recipe.scheme.gguf_outtype, "file": gguf_name(recipe.model.name, recipe.scheme.gguf_outtype.upper())}
+
+    def run(self, ctx: StageContext) -> None:
+        tree = ctx.inputs["llamacpp.source"]
+        out = ctx.out / ctx.params["file"]
+        run_tool([sys.executable, tree / "convert_hf_to_gguf.py", ctx.inputs["model"],
+                  "--outtype", ctx.params["outtype"], "--outfile", out],
+                 env={"PYTHONPATH": str(tree / "gguf-py"), "PYTHONDONTWRITEBYTECODE": "1",
+                      "HF_HUB_OFFLINE": "1"})
+        ctx.log.info(f"{out.name}: {out.stat().st_size / 1e6:.1f} MB")

@@ -1,0 +1,39 @@
+"""gguf.quantize: one llama.cpp quant type per variant (the scheme's `gguf_types`),
+with the host build of llama-quantize; optionally with an importance matrix."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..llamacpp import HOST_BUILD, PerQuantType, float_gguf_node, gguf_in, gguf_name, host_tool, threads
+from ..proc import run_tool
+from ..stage import NoParams, StageContext
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+
+class GgufQuantize(PerQuantType):
+    """Float GGUF → quantized GGUF (types and imatrix come from the scheme)."""
+
+    name = "gguf.quantize"
+    version = 1
+    Params = NoParams
+
+    @classmethod
+    def inputs(cls, recipe: "Recipe", variant: str) -> list[str]:
+        return [float_gguf_node(), HOST_BUILD] + (["gguf.imatrix"] if recipe.scheme.gguf_imatrix else [])
+
+    @classmethod
+    def params(cls, recipe: "Recipe", variant: str) -> dict[str, Any]:
+        return {"type": variant, "imatrix": recipe.scheme.gguf_imatrix, "file": gguf_name(recipe.model.name, variant)}
+
+    @classmethod
+    def ships(cls, recipe: "Recipe", variant: str) -> str | None:
+        return "models"
+
+    def run(self, ctx: StageContext) -> None:
+        src = gguf_in(ctx.inputs[float_gguf_node()])
+        out = ctx.out / ctx.params["file"]
+        imatrix = ["--imatrix", ctx.inputs["gguf.imatrix"] / "imatrix.gguf"] if ctx.params["imatrix"] else []
+        run_tool([host_tool(ctx, "llama-quantize"), *imatrix, src, out, ctx.params["type"], threads()])
+        ctx.log.info(f"{out.name}: {out.stat().st_size / 1e6:.1f} MB (from {src.name}, {src.stat().st_size / 1e6:.1f} MB)")

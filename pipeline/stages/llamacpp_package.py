@@ -1,0 +1,65 @@
+"""llamacpp.package: the board-side files of the bundle — `run.sh` (seed 001's
+completion-mode command; under qemu when run on a non-Arm machine) and a README
+with the expected output — rendered from templates/llamacpp/."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..llamacpp import LlamacppStage, gguf_name, gguf_types
+from ..stage import NoParams, StageContext
+from ..templating import TEMPLATES
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+TEMPLATES_USED = ("llamacpp/run.sh.j2", "llamacpp/README.md.j2")
+
+
+class LlamacppPackage(LlamacppStage):
+    """run.sh and README.md for the board."""
+
+    name = "llamacpp.package"
+    version = 1
+    Params = NoParams
+
+    @classmethod
+    def applies(cls, recipe: "Recipe") -> bool:
+        return super().applies(recipe) and bool(recipe.scheme.gguf_types)
+
+    @classmethod
+    def inputs(cls, recipe: "Recipe", variant: str = "") -> list[str]:
+        return ["report"]
+
+    @classmethod
+    def params(cls, recipe: "Recipe", variant: str = "") -> dict[str, Any]:
+        from .verify_llamacpp import VerifyLlamacpp
+
+        primary = recipe.scheme.gguf_types[0]
+        return {"recipe_description": recipe.spec.description, "model": recipe.model.name,
+                "target": recipe.target.model_dump(mode="json"), "primary": primary,
+                "models": [gguf_name(recipe.model.name, t) for t in gguf_types(recipe)],
+                "verify": VerifyLlamacpp.params(recipe, primary)}
+
+    @classmethod
+    def sources(cls, recipe: "Recipe", variant: str = "") -> dict[str, Path]:
+        return {t: TEMPLATES / t for t in TEMPLATES_USED}
+
+    @classmethod
+    def ships(cls, recipe: "Recipe", variant: str = "") -> str | None:
+        return "."
+
+    def run(self, ctx: StageContext) -> None:
+        from ..templating import render
+
+        p = ctx.params
+        report = json.loads((ctx.inputs["report"] / "report.json").read_text())
+        primary = next(r for r in report["verify"] if r["type"] == p["primary"])
+        values = dict(p, recipe=ctx.recipe_name, expected=primary["completion"].strip(),
+                      report_md=(ctx.inputs["report"] / "report.md").read_text(), label=primary["label"])
+        run_sh = ctx.out / "run.sh"
+        run_sh.write_text(render("llamacpp/run.sh.j2", **values))
+        os.chmod(run_sh, 0o755)
+        (ctx.out / "README.md").write_text(render("llamacpp/README.md.j2", **values))

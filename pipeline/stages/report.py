@@ -1,0 +1,61 @@
+"""report: the recipe's results in one place — perplexity table (float vs each quant
+type, held-out text), the emulated completion and bench — as report.md and report.json."""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from ..llamacpp import LlamacppStage
+from ..stage import NoParams, StageContext
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+
+def ppl_table(rows: list[dict[str, Any]]) -> str:
+    base = next((r for r in rows if r["variant"] == "float"), None)
+    lines = ["| type | file | size (MB) | PPL | ± | Δ vs float |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        delta = "—" if base is None or r is base else f"{(r['ppl'] / base['ppl'] - 1) * 100:+.2f}%"
+        lines.append(f"| {r['type']} | {r['file']} | {r['size_bytes'] / 1e6:.1f} | {r['ppl']:.4f} | {r['ppl_err']:.4f} | {delta} |")
+    return "\n".join(lines)
+
+
+class Report(LlamacppStage):
+    """Evaluation report (report.md, report.json)."""
+
+    name = "report"
+    version = 1
+    Params = NoParams
+
+    @classmethod
+    def inputs(cls, recipe: "Recipe", variant: str = "") -> list[str]:
+        from .eval_perplexity import EvalPerplexity
+        from .verify_llamacpp import VerifyLlamacpp
+
+        return [f"{EvalPerplexity.name}@{v}" for v in EvalPerplexity.variants(recipe)] + \
+               [f"{VerifyLlamacpp.name}@{v}" for v in VerifyLlamacpp.variants(recipe)]
+
+    @classmethod
+    def params(cls, recipe: "Recipe", variant: str = "") -> dict[str, Any]:
+        return {"model": recipe.model.name, "target": recipe.target.name, "description": recipe.target.description}
+
+    @classmethod
+    def ships(cls, recipe: "Recipe", variant: str = "") -> str | None:
+        return "report"
+
+    def run(self, ctx: StageContext) -> None:
+        ppl = [json.loads((d / "perplexity.json").read_text()) for n, d in ctx.inputs.items() if n.startswith("eval.")]
+        runs = [json.loads((d / "verify.json").read_text()) for n, d in ctx.inputs.items() if n.startswith("verify.")]
+        p = ctx.params
+        ctx_size, chunks = (ppl[0]["ctx_size"], ppl[0]["chunks"]) if ppl else (0, 0)
+        md = [f"# {ctx.recipe_name}: {p['model']} on {p['target']}", "",
+              f"## Perplexity (held-out text, {chunks} windows of {ctx_size} tokens, host llama-perplexity)", "",
+              ppl_table(ppl), ""]
+        for r in runs:
+            md += [f"## {r['type']}: completion and bench ({r['label']})", "", "```", r["completion"].strip(), "```", "",
+                   "| test | tokens | tokens/s |", "|---|---:|---:|",
+                   *[f"| {b['test']} | {b['tokens']} | {b['tokens_per_s']} |" for b in r["bench"]], ""]
+        (ctx.out / "report.md").write_text("\n".join(md))
+        (ctx.out / "report.json").write_text(json.dumps({"perplexity": ppl, "verify": runs}, indent=2, sort_keys=True) + "\n")
+        print("\n".join(md))

@@ -1,0 +1,83 @@
+"""text: calibration and held-out evaluation text as plain UTF-8 files.
+
+Sources are Debian's public-domain KJV Bible (read with the `bible` program
+of package bible-kjv, installed by setup.sh) or local files. The two slices
+must not overlap: any shared line of 40+ characters is an error.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import KilnError
+from ..llamacpp import LlamacppStage
+from ..proc import run_tool
+from ..stage import NoParams, StageContext
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+KJV_DATA = Path("/usr/lib/bible.data")  # installed by bible-kjv-text (a bible-kjv dependency)
+_VERSE = re.compile(r"^\s*\d+\s+")
+_HEADING = re.compile(r"^[1-3]?\s*[A-Z][A-Za-z ]+ \d+$")
+
+
+def kjv_text(spec: str) -> str:
+    """Verses of `spec` as prose: one verse a line, no chapter headings or verse numbers."""
+    out = run_tool(["bible", "-l0", spec], capture=True).stdout
+    lines = [_VERSE.sub("", line).strip() for line in out.splitlines()]
+    return "\n".join(line for line in lines if line and not _HEADING.match(line)) + "\n"
+
+
+def overlap(a: str, b: str, min_len: int = 40) -> set[str]:
+    long_lines = lambda t: {line.strip() for line in t.splitlines() if len(line.strip()) >= min_len}  # noqa: E731
+    return long_lines(a) & long_lines(b)
+
+
+class Text(LlamacppStage):
+    """Calibration/evaluation text; settings live in the recipe's top-level `text:` section."""
+
+    name = "text"
+    version = 1
+    Params = NoParams
+
+    @classmethod
+    def params(cls, recipe: "Recipe", variant: str = "") -> dict[str, Any]:
+        return {k: {"kjv": s.kjv} if s.kjv else {"file": "source"} for k, s in
+                (("calibration", recipe.spec.text.calibration), ("evaluation", recipe.spec.text.evaluation))}
+
+    @classmethod
+    def sources(cls, recipe: "Recipe", variant: str = "") -> dict[str, Path]:
+        out: dict[str, Path] = {}
+        for role in ("calibration", "evaluation"):
+            src = getattr(recipe.spec.text, role)
+            path = recipe.resolve_path(src.file) if src.file else KJV_DATA
+            if src.file and not path.is_file():
+                raise KilnError(f"{recipe.where('text', role, 'file')}: text.{role}.file: {path} is not a file")
+            out[role] = path
+        return out
+
+    @classmethod
+    def tool_names(cls, recipe: "Recipe", variant: str = "") -> tuple[str, ...]:
+        t = recipe.spec.text
+        return ("deb:bible-kjv",) if (t.calibration.kjv or t.evaluation.kjv) else ()
+
+    def run(self, ctx: StageContext) -> None:
+        texts = {}
+        for role in ("calibration", "evaluation"):
+            spec = ctx.params[role]
+            texts[role] = kjv_text(spec["kjv"]) if "kjv" in spec else ctx.sources[role].read_text(encoding="utf-8")
+            if len(texts[role]) < 1000:
+                raise KilnError(f"{role} text has only {len(texts[role])} characters; give a larger range or file")
+        shared = overlap(texts["calibration"], texts["evaluation"])
+        if shared:
+            raise KilnError(f"calibration and evaluation text overlap ({len(shared)} shared lines, e.g. "
+                            f"{next(iter(shared))[:60]!r}); choose disjoint ranges")
+        summary = {}
+        for role, text in texts.items():
+            (ctx.out / f"{role}.txt").write_text(text, encoding="utf-8")
+            summary[role] = {**ctx.params[role], "chars": len(text), "lines": text.count("\n")}
+        (ctx.out / "text.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        ctx.log.info(f"text: {json.dumps(summary, sort_keys=True)}")

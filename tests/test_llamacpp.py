@@ -1,0 +1,184 @@
+"""llama.cpp path (seed 001): planning, keys, toolchain rendering, errors — no builds here."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from pipeline import tools
+from pipeline.elf import describe
+from pipeline.plan import plan
+from pipeline.recipe import load_recipe
+from pipeline.stages.eval_perplexity import parse_ppl
+from pipeline.stages.report import ppl_table
+from pipeline.stages.text import overlap
+from pipeline.templating import render
+
+RK = """\
+model: {name: m, gguf: /nonexistent.gguf}
+target: rk3568
+scheme: {use: gguf_q4_k_m, gguf_types: [Q4_K_M]}
+"""
+
+
+def keys(project, monkeypatch, name="r") -> dict[str, str]:
+    return {s.stage: s.key for s in plan(load_recipe(name, project.settings(monkeypatch)))}
+
+
+def fake_tree(path):
+    path.mkdir()
+    (path / "CMakeLists.txt").write_text("project(llama.cpp)\n")
+    (path / "convert_hf_to_gguf.py").write_text("# converter\n")
+    return path
+
+
+def test_rk3568_recipe_plans_the_whole_graph():
+    specs = {s.stage: s for s in plan(load_recipe("smollm2_135m_rk3568"))}
+    for node in ("llamacpp.source", "gguf.convert", "llamacpp.build@host", "llamacpp.build@rk3568",
+                 "gguf.quantize@Q4_K_M", "gguf.quantize@Q2_K", "gguf.quantize@Q8_0", "verify.llamacpp@Q2_K",
+                 "eval.perplexity@float", "eval.perplexity@Q8_0", "report", "llamacpp.package", "bundle"):
+        assert node in specs, node
+    assert specs["llamacpp.build@rk3568"].material["params"]["cmake_args"][:1] == ["-DCMAKE_BUILD_TYPE=Release"]
+    flags = specs["llamacpp.build@rk3568"].material["params"]["cmake_args"]
+    assert "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16" in flags and "-DCMAKE_EXE_LINKER_FLAGS=-static" in flags
+    assert "-DBUILD_SHARED_LIBS=OFF" in flags and "-DGGML_NATIVE=OFF" in flags and "-DLLAMA_CURL=OFF" in flags
+    assert set(specs["bundle"].inputs) == {"llamacpp.build@rk3568", "gguf.quantize@Q4_K_M", "gguf.quantize@Q2_K",
+                                           "gguf.quantize@Q8_0", "report", "llamacpp.package"}
+    assert "model" not in specs["bundle"].inputs  # the HF checkpoint does not go to the board
+
+
+def test_seed_8b_recipes_plan_and_stop_at_model():
+    for name, qtype in (("llama31_8b_rk3568_q2k", "Q2_K"), ("llama31_8b_rk3568_q8_0", "Q8_0")):
+        specs = {s.stage: s for s in plan(load_recipe(name))}
+        assert f"gguf.quantize@{qtype}" in specs
+        assert "meta-llama/Llama-3.1-8B-Instruct" in specs["model"].blocked
+        assert specs["llamacpp.build@rk3568"].blocked is None  # builds do not need the weights
+
+
+def test_toolchain_template_renders_cross_settings():
+    text = render("llamacpp/toolchain.cmake.j2", triple="aarch64-linux-gnu", arch="aarch64", core="cortex-a55",
+                  emulator="/usr/bin/qemu-aarch64-static", qemu_cpu="cortex-a76")
+    assert "set(CMAKE_SYSTEM_NAME Linux)" in text and "set(CMAKE_SYSTEM_PROCESSOR aarch64)" in text
+    assert "set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)" in text and "set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)" in text
+    assert "set(CMAKE_FIND_ROOT_PATH /usr/aarch64-linux-gnu)" in text
+    assert "set(CMAKE_CROSSCOMPILING_EMULATOR /usr/bin/qemu-aarch64-static -cpu cortex-a76)" in text
+    without = render("llamacpp/toolchain.cmake.j2", triple="aarch64-linux-gnu", arch="aarch64", core="x",
+                     emulator=None, qemu_cpu="max")
+    assert "CROSSCOMPILING_EMULATOR" not in without
+
+
+def test_toolchain_template_missing_value_is_an_error():
+    from jinja2 import UndefinedError
+
+    with pytest.raises(UndefinedError):
+        render("llamacpp/toolchain.cmake.j2", triple="aarch64-linux-gnu")
+
+
+def test_source_tree_change_rekeys_builds_not_model(project, monkeypatch, tmp_path):
+    tree = fake_tree(tmp_path / "llama.cpp")
+    project.write("r.yaml", RK + f"stages:\n  llamacpp.source: {{tree: {tree}}}\n")
+    before = keys(project, monkeypatch)
+    (tree / "ggml.c").write_text("int x;\n")
+    after = keys(project, monkeypatch)
+    for node in ("llamacpp.source", "llamacpp.build@host", "llamacpp.build@rk3568", "gguf.convert", "bundle"):
+        assert after[node] != before[node], node
+    assert after["model"] == before["model"] and after["text"] == before["text"]
+
+
+def test_git_commit_of_the_tree_enters_the_key(project, monkeypatch, tmp_path):
+    tree = fake_tree(tmp_path / "llama.cpp")
+    (tree / ".git" / "refs" / "heads").mkdir(parents=True)
+    (tree / ".git" / "HEAD").write_text("ref: refs/heads/master\n")
+    (tree / ".git" / "refs" / "heads" / "master").write_text("a" * 40 + "\n")
+    project.write("r.yaml", RK + f"stages:\n  llamacpp.source: {{tree: {tree}}}\n")
+    spec = {s.stage: s for s in plan(load_recipe("r", project.settings(monkeypatch)))}["llamacpp.source"]
+    assert spec.material["params"]["commit"] == "a" * 40
+    before = spec.key
+    (tree / ".git" / "refs" / "heads" / "master").write_text("b" * 40 + "\n")
+    assert keys(project, monkeypatch)["llamacpp.source"] != before
+
+
+def test_compiler_flag_change_rekeys_the_cross_build_only(project, monkeypatch):
+    project.write("r.yaml", RK)
+    before = keys(project, monkeypatch)
+    project.write("r.yaml", RK.replace("target: rk3568", "target: {use: rk3568, cpu: {arch: aarch64, march: armv8-a}}"))
+    after = keys(project, monkeypatch)
+    assert after["llamacpp.build@rk3568"] != before["llamacpp.build@rk3568"]
+    assert after["verify.llamacpp@Q4_K_M"] != before["verify.llamacpp@Q4_K_M"]
+    for node in ("llamacpp.build@host", "gguf.convert", "gguf.quantize@Q4_K_M", "eval.perplexity@Q4_K_M"):
+        assert after[node] == before[node], node
+
+
+def test_compiler_version_enters_the_key(project, monkeypatch):
+    project.write("r.yaml", RK)
+    before = keys(project, monkeypatch)
+    real = tools.fingerprint.__wrapped__
+    monkeypatch.setattr(tools, "fingerprint", lambda t: "gcc 99" if t == "exe:aarch64-linux-gnu-gcc" else real(t))
+    after = keys(project, monkeypatch)
+    assert after["llamacpp.build@rk3568"] != before["llamacpp.build@rk3568"]
+    assert after["llamacpp.build@host"] == before["llamacpp.build@host"]
+
+
+def test_switching_quant_type_keeps_builds(project, monkeypatch):
+    project.write("r.yaml", RK)
+    before = keys(project, monkeypatch)
+    project.write("r.yaml", RK.replace("gguf_types: [Q4_K_M]", "gguf_types: [Q8_0]"))
+    after = keys(project, monkeypatch)
+    for node in ("llamacpp.source", "llamacpp.build@host", "llamacpp.build@rk3568", "gguf.convert", "text",
+                 "eval.perplexity@float"):
+        assert after[node] == before[node], node
+    assert "gguf.quantize@Q8_0" in after and "gguf.quantize@Q4_K_M" not in after
+    assert after["bundle"] != before["bundle"] and after["report"] != before["report"]
+
+
+def test_missing_cross_compiler_names_the_apt_command(project, monkeypatch, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for exe in ("cmake", "gcc", "g++", "qemu-aarch64-static", "dpkg-query", "bible"):
+        if shutil.which(exe):
+            os.symlink(shutil.which(exe), bin_dir / exe)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    tools.fingerprint.cache_clear()
+    try:
+        project.write("r.yaml", RK)
+        specs = {s.stage: s for s in plan(load_recipe("r", project.settings(monkeypatch)))}
+    finally:
+        tools.fingerprint.cache_clear()
+    blocked = specs["llamacpp.build@rk3568"].blocked
+    assert blocked and "`aarch64-linux-gnu-gcc` is not installed: run `sudo apt-get install gcc-aarch64-linux-gnu`" in blocked
+    assert specs["llamacpp.build@host"].blocked is None
+    assert "aarch64-linux-gnu-gcc" in specs["verify.llamacpp@Q4_K_M"].blocked  # downstream says why
+
+
+def test_bad_gguf_type_is_a_recipe_error(project, monkeypatch):
+    from pipeline.errors import RecipeError
+
+    project.write("r.yaml", RK.replace("[Q4_K_M]", "[Q4_K_X]"))
+    with pytest.raises(RecipeError, match=r"r.yaml:3: scheme.gguf_types\[0\]: expected one of 'Q2_K', .*got 'Q4_K_X'"):
+        load_recipe("r", project.settings(monkeypatch))
+
+
+def test_parse_ppl_and_table():
+    out = "...\n[1]15.1,[2]17.3,\nFinal estimate: PPL = 19.0330 +/- 0.41234\n"
+    assert parse_ppl(out) == (19.033, 0.41234)
+    table = ppl_table([
+        {"variant": "float", "type": "F16", "file": "m-F16.gguf", "size_bytes": 270_000_000, "ppl": 20.0, "ppl_err": 0.5},
+        {"variant": "Q8_0", "type": "Q8_0", "file": "m-Q8_0.gguf", "size_bytes": 145_000_000, "ppl": 20.1, "ppl_err": 0.5},
+    ])
+    assert "| F16 | m-F16.gguf | 270.0 | 20.0000 | 0.5000 | — |" in table
+    assert "| Q8_0 | m-Q8_0.gguf | 145.0 | 20.1000 | 0.5000 | +0.50% |" in table
+
+
+def test_text_overlap_detection_and_kjv_slices():
+    from pipeline.stages.text import kjv_text
+
+    gen, exod = kjv_text("Gen1:1-2:3"), kjv_text("Exod1:1-1:10")
+    assert gen.startswith("In the beginning God created the heaven and the earth.")
+    assert not overlap(gen, exod)
+    assert overlap(gen, kjv_text("Gen2:1-2:5"))
+
+
+def test_elf_describe_reads_machine_and_linking():
+    info = describe(__import__("pathlib").Path(shutil.which("gcc")).resolve())
+    assert info["machine"] == "x86_64" and info["static"] is False

@@ -1,0 +1,82 @@
+"""smollm2_135m_rk3568 for real (slow): llama.cpp cross-build, GGUF variants, qemu runs, PPL.
+
+Uses the repository's store (KILN_STORE / artifacts/.store) so the llama.cpp
+builds happen once per machine or CI run (ccache lives in that store too);
+the workspace is a temporary directory.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+from conftest import new_project
+
+from pipeline import ROOT
+from pipeline.settings import Settings
+
+pytestmark = pytest.mark.slow
+RECIPE = "smollm2_135m_rk3568"
+
+
+@pytest.fixture(scope="module")
+def rk(tmp_path_factory):
+    project = new_project(tmp_path_factory.mktemp("rk") / "proj")
+    for f in (f"{RECIPE}.yaml", "_smollm2_135m.yaml"):
+        shutil.copy(ROOT / "recipes" / f, project.recipes)
+    store = Settings.from_env().store_dir()
+    store.mkdir(parents=True, exist_ok=True)
+    project.store.symlink_to(store)
+    proc = project.doit(f"recipe={RECIPE}")
+    return project, proc.stdout
+
+
+def test_bundle_holds_static_aarch64_binaries(rk):
+    project, out = rk
+    assert "kiln: bundle ready:" in out
+    to_device = project.artifacts / RECIPE / "bundle" / "to_device"
+    for tool in ("llama-cli", "llama-completion", "llama-bench", "llama-perplexity"):
+        desc = subprocess.run(["file", "-L", str(to_device / "bin" / tool)], capture_output=True, text=True).stdout
+        assert "ARM aarch64" in desc and "statically linked" in desc, desc
+    models = sorted(p.name for p in (to_device / "models").iterdir())
+    assert models == ["SmolLM2-135M-Instruct-Q2_K.gguf", "SmolLM2-135M-Instruct-Q4_K_M.gguf",
+                      "SmolLM2-135M-Instruct-Q8_0.gguf"]
+    manifest = json.loads((to_device / "manifest.json").read_text())
+    assert "run.sh" in manifest["files"] and "bin/llama-completion" in manifest["files"]
+
+
+def test_run_sh_under_qemu_prints_coherent_text(rk):
+    project, _ = rk
+    to_device = project.artifacts / RECIPE / "bundle" / "to_device"
+    done = subprocess.run(["sh", str(to_device / "run.sh")], capture_output=True, text=True, timeout=900,
+                          env={"PATH": "/usr/bin:/bin", "THREADS": "2"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = done.stdout.strip()
+    assert text.startswith("I believe the meaning of life is")
+    words = re.findall(r"[A-Za-z']+", text[len("I believe the meaning of life is"):])
+    assert len(words) >= 12  # 32 tokens of real words, not an empty or garbage continuation
+    expected = (to_device / "README.md").read_text()
+    assert text.splitlines()[0] in expected  # the README's expected output is what the board prints
+
+
+def test_report_has_ppl_for_float_and_every_quant_type(rk):
+    project, _ = rk
+    report = json.loads((project.artifacts / RECIPE / "report" / "report.json").read_text())
+    ppl = {r["type"]: r["ppl"] for r in report["perplexity"]}
+    assert set(ppl) == {"F16", "Q4_K_M", "Q2_K", "Q8_0"}
+    assert all(1 < v < 1000 for v in ppl.values())
+    assert abs(ppl["Q8_0"] / ppl["F16"] - 1) < 0.02  # 8-bit is near lossless
+    assert ppl["Q2_K"] > ppl["Q4_K_M"]  # 2-bit is worse than 4-bit
+    assert all(r["label"].startswith("emulated") for r in report["verify"])
+
+
+def test_switching_quant_type_reruns_no_build(rk):
+    project, _ = rk
+    project.write("switched.yaml", f"extends: {RECIPE}\nscheme: {{use: gguf_q8_0}}\n")
+    explain = project.doit("explain", "recipe=switched").stdout
+    for node in ("llamacpp.build@host", "llamacpp.build@rk3568", "gguf.convert", "llamacpp.source"):
+        assert re.search(rf"switched:{re.escape(node)} \[\w+…\]: store hit", explain), explain
+    out = project.doit("recipe=switched").stdout
+    assert not re.search(r"llamacpp\.build@\S+: built", out)
