@@ -66,7 +66,7 @@ class LlamacppBuild(LlamacppStage):
     """llama.cpp tools for this host and for the target."""
 
     name = "llamacpp.build"
-    version = 1
+    version = 2
     Params = BuildParams
     resource = "heavy"
 
@@ -80,7 +80,7 @@ class LlamacppBuild(LlamacppStage):
 
     @classmethod
     def ships(cls, recipe: "Recipe", variant: str) -> str | None:
-        return None if variant == "host" else "bin"
+        return None if variant == "host" else "."
 
     @classmethod
     def params(cls, recipe: "Recipe", variant: str) -> dict[str, Any]:
@@ -91,7 +91,7 @@ class LlamacppBuild(LlamacppStage):
         arch = "x86_64" if host else cpu.arch
         return {
             "arch": arch, "tools": tools, "static": not host, "triple": None if host else CROSS_TRIPLE.get(arch),
-            "core": "host" if host else cpu.core, "qemu_cpu": None if host else cpu.qemu_cpu,
+            "core": "host" if host else cpu.core,
             "cmake_args": cmake_flags(static=not host, march="" if host else cpu.march, tools=tools,
                                       build_type=own["build_type"], extra=own["cmake_args"], x86=arch == "x86_64"),
         }
@@ -107,7 +107,7 @@ class LlamacppBuild(LlamacppStage):
         triple = CROSS_TRIPLE.get(recipe.target.cpu.arch)
         if triple is None:
             raise KilnError(f"{recipe.where('target')}: no cross toolchain known for arch {recipe.target.cpu.arch}")
-        return ("exe:cmake", f"exe:{triple}-gcc", f"exe:{triple}-g++", "exe:qemu-aarch64-static")
+        return ("exe:cmake", f"exe:{triple}-gcc", f"exe:{triple}-g++")
 
     def run(self, ctx: StageContext) -> None:
         p = ctx.params
@@ -123,7 +123,7 @@ class LlamacppBuild(LlamacppStage):
 
             toolchain = build / "toolchain.cmake"
             toolchain.write_text(render(TOOLCHAIN_TEMPLATE, triple=p["triple"], arch=p["arch"], core=p["core"],
-                                        emulator=shutil.which("qemu-aarch64-static"), qemu_cpu=p["qemu_cpu"]))
+                                        emulator=shutil.which("qemu-aarch64-static")))
             flags.append(f"-DCMAKE_TOOLCHAIN_FILE={toolchain}")
         store_root = ctx.cache.parent
         env = {"CCACHE_DIR": str(ctx.cache / "ccache"), "CCACHE_BASEDIR": str(store_root),
@@ -143,6 +143,6 @@ class LlamacppBuild(LlamacppStage):
             info[tool] = describe(dst)
             if info[tool]["machine"] != p["arch"] or (p["static"] and not info[tool]["static"]):
                 raise KilnError(f"{tool}: built for {info[tool]}, expected {p['arch']}{' static' if p['static'] else ''}")
-        (ctx.out / "binaries.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        (ctx.out / "bin" / "binaries.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         shutil.rmtree(build)
         ctx.log.info(f"built {', '.join(p['tools'])} for {p['arch']} ({'static' if p['static'] else 'dynamic'})")

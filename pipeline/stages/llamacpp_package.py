@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..llamacpp import LlamacppStage, gguf_name, gguf_types
 from ..stage import NoParams, StageContext
 from ..templating import TEMPLATES
+from .verify_llamacpp import VerifyLlamacpp
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -35,8 +36,6 @@ class LlamacppPackage(LlamacppStage):
 
     @classmethod
     def params(cls, recipe: "Recipe", variant: str = "") -> dict[str, Any]:
-        from .verify_llamacpp import VerifyLlamacpp
-
         primary = recipe.scheme.gguf_types[0]
         return {"recipe_description": recipe.spec.description, "model": recipe.model.name,
                 "target": recipe.target.model_dump(mode="json"), "primary": primary,

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..llamacpp import LlamacppStage
 from ..stage import NoParams, StageContext
+from .eval_perplexity import EvalPerplexity
+from .verify_llamacpp import VerifyLlamacpp
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -30,9 +32,6 @@ class Report(LlamacppStage):
 
     @classmethod
     def inputs(cls, recipe: "Recipe", variant: str = "") -> list[str]:
-        from .eval_perplexity import EvalPerplexity
-        from .verify_llamacpp import VerifyLlamacpp
-
         return [f"{EvalPerplexity.name}@{v}" for v in EvalPerplexity.variants(recipe)] + \
                [f"{VerifyLlamacpp.name}@{v}" for v in VerifyLlamacpp.variants(recipe)]
 
