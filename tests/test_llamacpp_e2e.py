@@ -80,3 +80,15 @@ def test_switching_quant_type_reruns_no_build(rk):
         assert re.search(rf"switched:{re.escape(node)} \[\w+…\]: store hit", explain), explain
     out = project.doit("recipe=switched").stdout
     assert not re.search(r"llamacpp\.build@\S+: built", out)
+
+
+def test_store_entries_are_untouched_by_the_build(rk):
+    """Bundling links files from the store; nothing may write through those links."""
+    from pipeline.cli.verify import verify
+    from pipeline.plan import plan
+    from pipeline.recipe import load_recipe
+
+    project, _ = rk
+    keys = {s.key for s in plan(load_recipe(RECIPE, Settings.from_env()))}
+    checked, bad = verify(project.store.resolve(), only=keys)
+    assert checked == len(keys) == 19 and bad == []

@@ -6,11 +6,11 @@ from pathlib import Path
 from ..store import Store, file_manifest
 
 
-def verify(store_root: Path) -> tuple[int, list[str]]:
-    """Return (entries checked, keys quarantined)."""
+def verify(store_root: Path, only: set[str] | None = None) -> tuple[int, list[str]]:
+    """Return (entries checked, keys quarantined); `only` limits the check to those keys."""
     store = Store(store_root)
     bad: list[str] = []
-    keys = list(store.keys())
+    keys = [k for k in store.keys() if only is None or k in only]
     for key in keys:
         recorded = store.meta(key).get("files", {})
         actual = file_manifest(store.out(key))

@@ -42,7 +42,7 @@ class Bundle(Stage):
     """The device bundle and its tarball."""
 
     name = "bundle"
-    version = 1
+    version = 2
     Params = BundleParams
     tools = ("python", "zlib")
 
@@ -86,13 +86,17 @@ class Bundle(Stage):
 
         readme = render(README_TEMPLATE, recipe=ctx.recipe_name, places=p["places"],
                         keys=ctx.input_keys, **{k: p[k] for k in ("description", "model_name", "target", "scheme")})
-        (to_device / "README.md").write_text(readme)
+        # Shipped files are hardlinks into the store: never write through one.
+        # A stage that ships its own README (the board's instructions) keeps it.
+        if not (to_device / "README.md").exists():
+            (to_device / "README.md").write_text(readme)
         files = {
             f.relative_to(to_device).as_posix(): {"sha256": sha256_file(f), "size": f.stat().st_size}
             for f in sorted(to_device.rglob("*")) if f.is_file()
         }
         manifest = {"recipe": ctx.recipe_name, "stage_keys": ctx.input_keys,
                     "tools": {**ctx.input_tools, "bundle": ctx.tools}, "files": files}
+        (to_device / "manifest.json").unlink(missing_ok=True)
         (to_device / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         from ..tarball import write_tarball
 
