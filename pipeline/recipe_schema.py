@@ -112,15 +112,22 @@ GgufType = Literal[
 
 
 class TextSource(Strict):
-    """Text from Debian's KJV Bible (`bible` program, package bible-kjv) or a local file."""
+    """Text from Debian's KJV Bible, a local file, or a dataset file in the local HF cache."""
 
-    kjv: str | None = Field(None, description="Verse range for Debian's `bible`, e.g. `Gen1:1-50:26`.")
+    kjv: str | None = Field(None, description="Verse range for Debian's `bible` (package bible-kjv), e.g. `Gen1:1-50:26`.")
     file: str | None = Field(None, description="A UTF-8 text file (relative paths from the repository root).")
+    hf_dataset: str | None = Field(None, description="A dataset id in the local HF cache (offline), e.g. `wikitext`; with `path`.")
+    path: str | None = Field(None, description="For hf_dataset: the .txt / .jsonl / .json file inside the dataset repo.")
+    field: str = Field("text", description="For .jsonl/.json records: the field holding the text.")
+    revision: str = Field("main", description="For hf_dataset: branch, tag or commit.")
 
     @model_validator(mode="after")
     def _one(self) -> "TextSource":
-        if (self.kjv is None) == (self.file is None):
-            raise ValueError("give exactly one of kjv, file")
+        given = [k for k in ("kjv", "file", "hf_dataset") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of kjv, file, hf_dataset")
+        if self.hf_dataset and not self.path:
+            raise ValueError("hf_dataset needs `path`: the file inside the dataset repo")
         return self
 
 

@@ -121,3 +121,22 @@ def tiny_project(project: Project, tiny_model_dir: Path) -> Project:
           bundle: {compress_level: 1}
         """)
     return project
+
+
+def fake_hf_cache(root: Path, repo_id: str, kind: str, files: dict[str, bytes]) -> str:
+    """Lay files out the way huggingface_hub caches a download: blobs named by sha256."""
+    import hashlib
+
+    repo = root / f"{kind}s--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for name, data in files.items():
+        sha = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / sha).write_bytes(data)
+        link = snap / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(repo / "blobs" / sha, link.parent))
+    return commit

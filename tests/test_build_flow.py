@@ -5,6 +5,8 @@ import json
 import re
 import tarfile
 
+from conftest import fake_hf_cache
+
 from pipeline.store import Store
 
 
@@ -109,30 +111,12 @@ def test_model_not_on_machine_fails_at_model_stage_with_instructions(project):
     assert "gated:model: cannot run here" in text and "hf download nobody/absent-model" in text
 
 
-def fake_hub_cache(root, hub_id: str, model_dir) -> str:
-    """Lay `model_dir` out the way huggingface_hub caches a download: blobs named by sha256."""
-    import hashlib
-
-    repo = root / f"models--{hub_id.replace('/', '--')}"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snap = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True)
-    snap.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    for f in model_dir.iterdir():
-        sha = hashlib.sha256(f.read_bytes()).hexdigest()
-        (repo / "blobs" / sha).write_bytes(f.read_bytes())
-        (snap / f.name).symlink_to(f"../../blobs/{sha}")
-    return commit
-
-
 def test_hub_id_resolves_offline_from_hf_cache(project, tiny_model_dir, tmp_path, monkeypatch):
     from pipeline.plan import plan
     from pipeline.recipe import load_recipe
 
     hub = tmp_path / "hub"
-    fake_hub_cache(hub, "someorg/tiny", tiny_model_dir)
+    fake_hf_cache(hub, "someorg/tiny", "model", {f.name: f.read_bytes() for f in tiny_model_dir.iterdir()})
     project.write("hub.yaml", "model: {name: tiny, hub_id: someorg/tiny}\ntarget: x86_64\nscheme: fp32\n")
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
     spec = plan(load_recipe("hub", project.settings(monkeypatch)))[0]

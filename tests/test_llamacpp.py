@@ -182,3 +182,34 @@ def test_text_overlap_detection_and_kjv_slices():
 def test_elf_describe_reads_machine_and_linking():
     info = describe(__import__("pathlib").Path(shutil.which("gcc")).resolve())
     assert info["machine"] == "x86_64" and info["static"] is False
+
+
+def test_text_from_a_dataset_in_the_hf_cache(project, tmp_path):
+    import json as _json
+
+    from conftest import fake_hf_cache
+
+    def jsonl(prefix: str) -> bytes:
+        return "".join(_json.dumps({"text": f"{prefix} sentence number {i} of a held out corpus for testing"}) + "\n"
+                       for i in range(60)).encode()
+
+    hub = tmp_path / "hub"
+    fake_hf_cache(hub, "someorg/corpus", "dataset", {"data/train.jsonl": jsonl("calibration"),
+                                                    "data/test.jsonl": jsonl("evaluation")})
+    text = ("text:\n  calibration: {hf_dataset: someorg/corpus, path: data/train.jsonl}\n"
+            "  evaluation: {hf_dataset: someorg/corpus, path: data/test.jsonl}\n")
+    project.write("r.yaml", RK + text)
+    project.doit("r:text", "recipe=r", HF_HUB_CACHE=str(hub))
+    out = (project.artifacts / "r" / "text" / "evaluation.txt").read_text().splitlines()
+    assert len(out) == 60 and out[0] == "evaluation sentence number 0 of a held out corpus for testing"
+
+    project.write("r.yaml", RK + text.replace("data/test.jsonl", "data/train.jsonl"))
+    proc = project.doit("r:text", "recipe=r", check=False, HF_HUB_CACHE=str(hub))
+    assert proc.returncode != 0 and "calibration and evaluation text overlap (60 shared lines" in proc.stdout + proc.stderr
+
+
+def test_text_dataset_missing_from_cache_says_how_to_get_it(project, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    project.write("r.yaml", RK + "text:\n  evaluation: {hf_dataset: org/absent, path: test.txt}\n")
+    spec = {s.stage: s for s in plan(load_recipe("r", project.settings(monkeypatch)))}["text"]
+    assert "hf download --repo-type dataset org/absent test.txt" in spec.blocked

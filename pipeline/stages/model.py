@@ -3,37 +3,27 @@ cache, GGUF file) into one HF safetensors directory plus `summary.json`."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..downloads import resolve_embedded
 from ..errors import KilnError
+from ..hfcache import hf_cache_dir, repo_folder, snapshot
 from ..stage import NoParams, Stage, StageContext
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
 
-def hf_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.expanduser("~/.cache/huggingface")
-    return Path(home) / "hub"
-
-
 def hub_snapshot(hub_id: str, revision: str) -> Path:
-    """The snapshot dir of `hub_id` in the local HF cache, without any network."""
-    repo = hf_cache_dir() / f"models--{hub_id.replace('/', '--')}"
-    ref = repo / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
-    snap = repo / "snapshots" / commit
-    if not (snap / "config.json").exists():
+    """The model's snapshot dir in the local HF cache, or an error that says how to provide it."""
+    snap = snapshot(hub_id, revision, "model")
+    if snap is None or not (snap / "config.json").exists():
         raise KilnError(
             f"model {hub_id!r} (revision {revision}) is not in the local Hugging Face cache "
             f"({hf_cache_dir()}); this machine has no hub access. Provide the weights: on a machine "
             f"with access run `hf download {hub_id}` (accept the model's license first) and copy its "
-            f"cache folder models--{hub_id.replace('/', '--')} here, or set `model.hf_dir:` (or "
+            f"cache folder {repo_folder(hub_id, 'model')} here, or set `model.hf_dir:` (or "
             f"`model.gguf:`) in the recipe to a local copy."
         )
     return snap

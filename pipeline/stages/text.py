@@ -1,7 +1,8 @@
 """text: calibration and held-out evaluation text as plain UTF-8 files.
 
 Sources are Debian's public-domain KJV Bible (read with the `bible` program
-of package bible-kjv, installed by setup.sh) or local files. The two slices
+of package bible-kjv, installed by setup.sh), local files, or dataset files
+in the local Hugging Face cache (.txt, .jsonl, .json). The two slices
 must not overlap: any shared line of 40+ characters is an error.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KilnError
+from ..hfcache import hf_cache_dir, repo_folder, snapshot
 from ..llamacpp import LlamacppStage
 from ..proc import run_tool
 from ..stage import NoParams, StageContext
@@ -19,6 +21,7 @@ from ..stage import NoParams, StageContext
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
+ROLES = ("calibration", "evaluation")
 KJV_DATA = Path("/usr/lib/bible.data")  # installed by bible-kjv-text (a bible-kjv dependency)
 _VERSE = re.compile(r"^\s*\d+\s+")
 _HEADING = re.compile(r"^[1-3]?\s*[A-Z][A-Za-z ]+ \d+$")
@@ -29,6 +32,25 @@ def kjv_text(spec: str) -> str:
     out = run_tool(["bible", "-l0", spec], capture=True).stdout
     lines = [_VERSE.sub("", line).strip() for line in out.splitlines()]
     return "\n".join(line for line in lines if line and not _HEADING.match(line)) + "\n"
+
+
+def read_text(path: Path, field: str) -> str:
+    """A .txt file as is; .jsonl / .json records joined by their `field`, one per line."""
+    suffix = path.suffix.lower()
+    raw = path.read_text(encoding="utf-8")
+    if suffix in (".txt", ".md", ""):
+        return raw
+    if suffix == ".jsonl":
+        records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+    elif suffix == ".json":
+        data = json.loads(raw)
+        records = data.get("data", data.get("rows", [])) if isinstance(data, dict) else data
+    else:
+        raise KilnError(f"{path.name}: unsupported text format {suffix!r} (use .txt, .jsonl or .json)")
+    try:
+        return "\n".join(str(r[field]) for r in records if str(r[field]).strip()) + "\n"
+    except (KeyError, TypeError):
+        raise KilnError(f"{path.name}: records have no field {field!r} (set text.<role>.field)") from None
 
 
 def overlap(a: str, b: str, min_len: int = 40) -> set[str]:
@@ -45,18 +67,35 @@ class Text(LlamacppStage):
 
     @classmethod
     def params(cls, recipe: "Recipe", variant: str = "") -> dict[str, Any]:
-        return {k: {"kjv": s.kjv} if s.kjv else {"file": "source"} for k, s in
-                (("calibration", recipe.spec.text.calibration), ("evaluation", recipe.spec.text.evaluation))}
+        out: dict[str, Any] = {}
+        for role in ROLES:
+            src = getattr(recipe.spec.text, role)
+            if src.kjv:
+                out[role] = {"kjv": src.kjv}
+            else:  # the content enters the key through sources(); the format through the suffix
+                out[role] = {"format": Path(src.file or src.path or "").suffix, "field": src.field}
+        return out
 
     @classmethod
     def sources(cls, recipe: "Recipe", variant: str = "") -> dict[str, Path]:
         out: dict[str, Path] = {}
-        for role in ("calibration", "evaluation"):
+        for role in ROLES:
             src = getattr(recipe.spec.text, role)
-            path = recipe.resolve_path(src.file) if src.file else KJV_DATA
-            if src.file and not path.is_file():
-                raise KilnError(f"{recipe.where('text', role, 'file')}: text.{role}.file: {path} is not a file")
-            out[role] = path
+            if src.kjv:
+                out[role] = KJV_DATA
+            elif src.file:
+                out[role] = recipe.resolve_path(src.file)
+                if not out[role].is_file():
+                    raise KilnError(f"{recipe.where('text', role, 'file')}: text.{role}.file: {out[role]} is not a file")
+            else:
+                snap = snapshot(src.hf_dataset, src.revision, "dataset")
+                if snap is None or not (snap / src.path).is_file():
+                    raise KilnError(
+                        f"{recipe.where('text', role)}: text.{role}: {src.path} of dataset {src.hf_dataset!r} is not "
+                        f"in the local Hugging Face cache ({hf_cache_dir()}); on a machine with hub access run "
+                        f"`hf download --repo-type dataset {src.hf_dataset} {src.path}` and copy the cache folder "
+                        f"{repo_folder(src.hf_dataset, 'dataset')} here, or use `file:`")
+                out[role] = snap / src.path
         return out
 
     @classmethod
@@ -66,9 +105,9 @@ class Text(LlamacppStage):
 
     def run(self, ctx: StageContext) -> None:
         texts = {}
-        for role in ("calibration", "evaluation"):
+        for role in ROLES:
             spec = ctx.params[role]
-            texts[role] = kjv_text(spec["kjv"]) if "kjv" in spec else ctx.sources[role].read_text(encoding="utf-8")
+            texts[role] = kjv_text(spec["kjv"]) if "kjv" in spec else read_text(ctx.sources[role], spec["field"])
             if len(texts[role]) < 1000:
                 raise KilnError(f"{role} text has only {len(texts[role])} characters; give a larger range or file")
         shared = overlap(texts["calibration"], texts["evaluation"])
