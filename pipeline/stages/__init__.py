@@ -5,6 +5,7 @@ Adding a stage is adding one module here and listing it below.
 from . import (  # noqa: F401  (import registers the stages)
     bundle,
     eval_perplexity,
+    export_onnx,
     gguf_convert,
     gguf_imatrix,
     gguf_quantize,

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import KilnError
 from ..hfcache import hf_cache_dir, repo_folder, snapshot
-from ..llamacpp import LlamacppStage
 from ..proc import run_tool
-from ..stage import NoParams, StageContext
+from ..stage import NoParams, Stage, StageContext
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
@@ -58,12 +57,17 @@ def overlap(a: str, b: str, min_len: int = 40) -> set[str]:
     return long_lines(a) & long_lines(b)
 
 
-class Text(LlamacppStage):
+class Text(Stage):
     """Calibration/evaluation text; settings live in the recipe's top-level `text:` section."""
 
     name = "text"
     version = 1
     Params = NoParams
+
+    @classmethod
+    def applies(cls, recipe: "Recipe") -> bool:
+        # Runtimes whose stages calibrate or evaluate on text.
+        return recipe.target.runtime in ("llama.cpp", "genie")
 
     @classmethod
     def params(cls, recipe: "Recipe", variant: str = "") -> dict[str, Any]:
