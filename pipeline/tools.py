@@ -6,11 +6,16 @@ installed metadata, never from importing the package.
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from functools import cache
 from importlib import metadata
+from pathlib import Path
+from typing import Callable
 
 from .errors import ToolMissing
 
@@ -35,17 +40,53 @@ def require_exe(name: str) -> str:
     return path
 
 
+def _probes() -> Path:
+    from .settings import Settings
+
+    return Settings.from_env().artifacts / ".probes.json"
+
+
+def _remembered(stat_of: Path, probe: Callable[[], str]) -> str:
+    """`probe()`, remembered on disk under `stat_of`'s (device, inode, size, mtime): a no-op
+    `doit` must not spawn `gcc --version` and friends each time."""
+    st = stat_of.stat()
+    sig = f"{stat_of}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    file = _probes()
+    try:
+        known = json.loads(file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if sig not in known:
+        known[sig] = probe()
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".probes.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f)
+        os.replace(tmp, file)
+    return known[sig]
+
+
 def _exe_version(name: str) -> str:
-    out = subprocess.run([require_exe(name), "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    first = (out.stdout or out.stderr).strip().splitlines()
-    return first[0] if first else "unknown"
+    path = Path(require_exe(name)).resolve()
+
+    def probe() -> str:
+        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        first = (out.stdout or out.stderr).strip().splitlines()
+        return first[0] if first else "unknown"
+
+    return _remembered(path, probe)
 
 
 def _deb_version(pkg: str) -> str:
-    out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", pkg], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise ToolMissing(f"Debian package {pkg!r} is not installed: run `sudo apt-get install {pkg}` (or `bash setup.sh`)")
-    return out.stdout.strip()
+    def probe() -> str:
+        out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", pkg], capture_output=True, text=True)
+        if out.returncode != 0 or not out.stdout.strip():
+            raise ToolMissing(f"Debian package {pkg!r} is not installed: run `sudo apt-get install {pkg}` "
+                              f"(or `bash setup.sh`)")
+        return out.stdout.strip()
+
+    listed = sorted(Path("/var/lib/dpkg/info").glob(f"{pkg}.list")) + sorted(Path("/var/lib/dpkg/info").glob(f"{pkg}:*.list"))
+    return _remembered(listed[0], probe) if listed else probe()
 
 
 @cache

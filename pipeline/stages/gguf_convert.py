@@ -19,7 +19,7 @@ class GgufConvert(LlamacppStage):
     name = "gguf.convert"
     version = 1
     Params = NoParams
-    tools = ("python", "torch", "transformers", "numpy", "tokenizers")
+    tools = ("python", "torch", "transformers", "numpy", "tokenizers", "sentencepiece")
 
     @classmethod
     def inputs(cls, recipe: "Recipe", variant: str = "") -> list[str]:
