@@ -92,3 +92,17 @@ def test_store_entries_are_untouched_by_the_build(rk):
     keys = {s.key for s in plan(load_recipe(RECIPE, Settings.from_env()))}
     checked, bad = verify(project.store.resolve(), only=keys)
     assert checked == len(keys) == 19 and bad == []
+
+
+def test_imatrix_option_quantizes_with_calibration_text(rk):
+    project, _ = rk
+    project.write("imat.yaml", f"extends: {RECIPE}\nscheme: {{use: gguf_q4_k_m, gguf_types: [Q4_K_M], gguf_imatrix: true}}\n")
+    out = project.doit("recipe=imat").stdout
+    assert "imat:gguf.imatrix: built" in out and "imat:gguf.quantize@Q4_K_M: built" in out
+    imatrix = project.artifacts / "imat" / "gguf.imatrix" / "imatrix.gguf"
+    assert imatrix.stat().st_size > 10_000
+    with_imatrix = json.loads((project.artifacts / "imat" / "report" / "report.json").read_text())
+    without = json.loads((project.artifacts / RECIPE / "report" / "report.json").read_text())
+    ppl = lambda report: {r["type"]: r["ppl"] for r in report["perplexity"]}  # noqa: E731
+    # calibration (Genesis) is disjoint from evaluation (Exodus); the imatrix must not hurt
+    assert ppl(with_imatrix)["Q4_K_M"] <= ppl(without)["Q4_K_M"] * 1.01

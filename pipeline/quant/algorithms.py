@@ -1,0 +1,88 @@
+"""Weight PTQ algorithms. Each takes a weight W [out, in] (a Linear's or a 1x1 Conv's) and
+returns (fake-quantized W, scale, zero point) on `grid`.
+
+- rtn:    round to nearest with min-max ranges.
+- mse:    per-group range shrink factor minimizing the weight's squared error.
+- seqmse: per-group shrink factor minimizing the layer *output* error on calibration
+          inputs X [n, in] (SeqMSE, as in AIMET: ranges judged by what the layer computes).
+- gptq:   GPTQ (Frantar et al. 2022): quantize columns in order and spread each column's
+          error over the not-yet-quantized columns through the inverse Hessian H = 2 XᵀX.
+"""
+from __future__ import annotations
+
+import torch
+
+from .grid import Grid, fake_quant, scale_zero
+
+RATIOS = torch.linspace(0.05, 1.0, 96)  # range shrink factors tried per group (1.0 = min-max)
+
+
+def rtn(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = grid.groups(w)
+    scale, zero = scale_zero(g, grid)
+    return fake_quant(g, scale, zero, grid).reshape(w.shape), scale, zero
+
+
+def _search(w: torch.Tensor, grid: Grid, loss) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group ratio from RATIOS that minimizes loss(groups_q) -> per-group error [out, n_groups]."""
+    g = grid.groups(w)
+    best_err = torch.full(g.shape[:2], float("inf"))
+    best_scale, best_zero = scale_zero(g, grid)
+    for r in RATIOS:
+        scale, zero = scale_zero(g, grid, float(r))
+        err = loss(fake_quant(g, scale, zero, grid))
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better[..., None], scale, best_scale)
+        best_zero = torch.where(better[..., None], zero, best_zero)
+    return fake_quant(g, best_scale, best_zero, grid).reshape(w.shape), best_scale, best_zero
+
+
+def mse(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = grid.groups(w)
+    return _search(w, grid, lambda gq: ((gq - g) ** 2).sum(-1))
+
+
+def seqmse(w: torch.Tensor, grid: Grid, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ranges chosen per group by the output error ||X Wᵀ - X Wqᵀ||² restricted to that group's inputs."""
+    g = grid.groups(w)
+    if grid.granularity == "per-tensor":
+        return _search(w, grid, lambda gq: (((gq - g).reshape(w.shape) @ x.T) ** 2).sum().reshape(1, 1))
+    n_groups, size = g.shape[1], g.shape[2]
+    xg = x.reshape(x.shape[0], n_groups, size)  # each group's slice of the inputs
+
+    def output_error(gq: torch.Tensor) -> torch.Tensor:
+        # error of output channel o from group k: sum_n (X[n, k, :] · (gq - g)[o, k, :])²
+        return torch.einsum("nks,oks->okn", xg, gq - g).pow(2).sum(-1)
+
+    return _search(w, grid, output_error)
+
+
+def gptq(w: torch.Tensor, grid: Grid, x: torch.Tensor, damp: float = 0.01,
+         block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ with min-max group ranges fixed up front from W (so they match an exported encoding)."""
+    w = w.clone().double()
+    out, inp = w.shape
+    g = grid.groups(w)
+    scale, zero = scale_zero(g, grid)
+    col_scale, col_zero = (t.expand(g.shape).reshape(w.shape) for t in (scale, zero))  # per weight
+    h = 2 * x.double().T @ x.double()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(inp, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q = torch.zeros_like(w)
+    for i0 in range(0, inp, block):
+        i1 = min(i0 + block, inp)
+        w_blk, err_blk, hinv_blk = w[:, i0:i1].clone(), torch.zeros(out, i1 - i0, dtype=w.dtype), hinv[i0:i1, i0:i1]
+        for j in range(i1 - i0):
+            col, d = w_blk[:, j], hinv_blk[j, j]
+            s, z = col_scale[:, i0 + j], col_zero[:, i0 + j]
+            qcol = (torch.clamp(torch.round(col / s) + z, grid.qmin, grid.qmax) - z) * s
+            q[:, i0 + j] = qcol
+            err = (col - qcol) / d
+            w_blk[:, j:] -= err[:, None] * hinv_blk[j, j:][None, :]
+            err_blk[:, j] = err
+        w[:, i1:] -= err_blk @ hinv[i0:i1, i1:]
+    return q.float().reshape(out, inp), scale.float(), zero.float()
