@@ -13,6 +13,7 @@ from . import (  # noqa: F401  (import registers the stages)
     llamacpp_package,
     llamacpp_source,
     model,
+    quantize,
     report,
     text,
     verify_llamacpp,
