@@ -54,9 +54,9 @@ class Project:
         path.write_text(textwrap.dedent(text))
         return path
 
-    def doit(self, *args: str, check: bool = True, **extra_env: str) -> subprocess.CompletedProcess:
+    def doit(self, *args: str, check: bool = True, timeout: float = 900, **extra_env: str) -> subprocess.CompletedProcess:
         proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "--dir", str(ROOT), *args],
-                              env=self.env(**extra_env), capture_output=True, text=True, timeout=900)
+                              env=self.env(**extra_env), capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"doit {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc

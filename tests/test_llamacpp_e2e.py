@@ -29,7 +29,7 @@ def rk(tmp_path_factory):
     store = Settings.from_env().store_dir()
     store.mkdir(parents=True, exist_ok=True)
     project.store.symlink_to(store)
-    proc = project.doit(f"recipe={RECIPE}")
+    proc = project.doit(f"recipe={RECIPE}", timeout=3600)  # cold: two llama.cpp builds, ~15 min on 2 cores
     return project, proc.stdout
 
 
