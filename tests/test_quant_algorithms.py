@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.quant.algorithms import gptq, mse, rtn, seqmse
+from pipeline.quant.algorithms import RATIOS, gptq, mse, rtn, seqmse
 from pipeline.quant.grid import Grid, quantize, scale_zero
 
 GRIDS = [Grid(4, "per-channel"), Grid(4, "per-block", 8), Grid(8, "per-tensor"), Grid(4, "per-channel", symmetric=False)]
@@ -54,7 +54,7 @@ def test_seqmse_ignores_an_input_that_is_never_active():
     x = torch.randn(256, 64)
     x[:, 5] = 0.0          # ...which never carries signal: the optimum clips it away
     grid = Grid(4)
-    e_rtn, e_mse, e_seq = (out_err(w, a[0], x) for a in (rtn(w, grid), mse(w, grid), seqmse(w, grid, x)))
+    e_rtn, e_mse, e_seq = (out_err(w, a[0], x) for a in (rtn(w, grid), mse(w, grid), seqmse(w, grid, x, RATIOS)))
     ideal = w.clone()
     ideal[:, 5] = 0.0  # the known optimum: quantize as if input 5 did not exist
     e_opt = out_err(w, rtn(ideal, grid)[0], x)

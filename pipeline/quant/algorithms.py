@@ -15,6 +15,8 @@ import torch
 from .grid import Grid, fake_quant, scale_zero
 
 RATIOS = torch.linspace(0.05, 1.0, 96)  # range shrink factors tried per group (1.0 = min-max)
+# SeqMSE evaluates the layer output per candidate: a coarser grid keeps it affordable on CPU.
+SEQMSE_RATIOS = torch.linspace(0.3, 1.0, 29)
 
 
 def rtn(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -23,12 +25,12 @@ def rtn(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.
     return fake_quant(g, scale, zero, grid).reshape(w.shape), scale, zero
 
 
-def _search(w: torch.Tensor, grid: Grid, loss) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-group ratio from RATIOS that minimizes loss(groups_q) -> per-group error [out, n_groups]."""
+def _search(w: torch.Tensor, grid: Grid, loss, ratios: torch.Tensor = RATIOS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group ratio from `ratios` that minimizes loss(groups_q) -> per-group error [out, n_groups]."""
     g = grid.groups(w)
     best_err = torch.full(g.shape[:2], float("inf"))
     best_scale, best_zero = scale_zero(g, grid)
-    for r in RATIOS:
+    for r in ratios:
         scale, zero = scale_zero(g, grid, float(r))
         err = loss(fake_quant(g, scale, zero, grid))
         better = err < best_err
@@ -43,11 +45,12 @@ def mse(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.
     return _search(w, grid, lambda gq: ((gq - g) ** 2).sum(-1))
 
 
-def seqmse(w: torch.Tensor, grid: Grid, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def seqmse(w: torch.Tensor, grid: Grid, x: torch.Tensor,
+           ratios: torch.Tensor = SEQMSE_RATIOS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ranges chosen per group by the output error ||X Wᵀ - X Wqᵀ||² restricted to that group's inputs."""
     g = grid.groups(w)
     if grid.granularity == "per-tensor":
-        return _search(w, grid, lambda gq: (((gq - g).reshape(w.shape) @ x.T) ** 2).sum().reshape(1, 1))
+        return _search(w, grid, lambda gq: (((gq - g).reshape(w.shape) @ x.T) ** 2).sum().reshape(1, 1), ratios)
     n_groups, size = g.shape[1], g.shape[2]
     xg = x.reshape(x.shape[0], n_groups, size)  # each group's slice of the inputs
 
@@ -55,7 +58,7 @@ def seqmse(w: torch.Tensor, grid: Grid, x: torch.Tensor) -> tuple[torch.Tensor, 
         # error of output channel o from group k: sum_n (X[n, k, :] · (gq - g)[o, k, :])²
         return torch.einsum("nks,oks->okn", xg, gq - g).pow(2).sum(-1)
 
-    return _search(w, grid, output_error)
+    return _search(w, grid, output_error, ratios)
 
 
 def gptq(w: torch.Tensor, grid: Grid, x: torch.Tensor, damp: float = 0.01,

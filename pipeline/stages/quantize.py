@@ -22,7 +22,7 @@ class QuantizeParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     calibration_samples: int = Field(8, ge=1, description="Chat-formatted calibration prompts.")
     calibration_tokens: int = Field(128, ge=8, description="Text tokens per calibration prompt.")
-    calibration_rows: int = Field(512, ge=16, description="Token rows kept per layer for SeqMSE/GPTQ.")
+    calibration_rows: int = Field(256, ge=16, description="Token rows kept per layer for SeqMSE/GPTQ.")
     eval_ctx: int = Field(512, ge=16, description="Perplexity window (tokens).")
     eval_windows: int = Field(8, ge=1, description="Non-overlapping windows of evaluation text scored.")
 
