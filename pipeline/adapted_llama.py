@@ -13,12 +13,16 @@ Covers Llama 2/3, TinyLlama, SmolLM and Qwen2-style GQA (q/k/v biases kept).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-MASK_MIN = -1e4  # additive mask value: large enough to zero a softmax term, small enough for fp16
+# Additive mask value: exp(-100) is 0 next to any real score, and the range stays small enough
+# for a 16-bit activation encoding of scores + mask (-1e4 would cost 0.15 per step).
+MASK_MIN = -100.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ class Attention(nn.Module):
         self.d = d
         self.q, self.k, self.v = Conv1x1(hf_attn.q_proj), Conv1x1(hf_attn.k_proj), Conv1x1(hf_attn.v_proj)
         self.o = Conv1x1(hf_attn.o_proj)
+        # Where the new K/V leave the layer (graph outputs past_*_out, also read by this step's
+        # attention): identities in the export, fake-quantizers in the quantization sim.
+        self.k_out, self.v_out = nn.Identity(), nn.Identity()
 
     def forward(self, x, mask, cos, sin, past_k, past_v):
         d, t = self.d, x.shape[1]
@@ -82,7 +89,7 @@ class Attention(nn.Module):
         q = rope(self.q(x).view(t, d.heads, d.head_dim).transpose(0, 1), cos, sin)        # [H, T, D]
         k = rope(self.k(x).view(t, d.kv_heads, d.head_dim).transpose(0, 1), cos, sin)     # [KVH, T, D]
         v = self.v(x).view(t, d.kv_heads, d.head_dim).transpose(0, 1)                     # [KVH, T, D]
-        new_k, new_v = k.transpose(1, 2)[:, None], v[:, None]                             # [KVH,1,D,T], [KVH,1,T,D]
+        new_k, new_v = self.k_out(k.transpose(1, 2)[:, None]), self.v_out(v[:, None])     # [KVH,1,D,T], [KVH,1,T,D]
         keys = torch.cat([past_k, new_k], dim=-1)                                         # [KVH, 1, D, CL]
         values = torch.cat([past_v, new_v], dim=-2)                                       # [KVH, 1, CL, D]
         q = q.reshape(d.kv_heads, group, t, d.head_dim)                                   # heads grouped per KV head
@@ -143,6 +150,21 @@ def io_names(layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids_cos", "position_ids_sin", *past_in], ["logits", *past_out]
 
 
+def hf_names(layers: int) -> dict[str, str]:
+    """ONNX initializer name (this module's parameter path) -> the HF parameter it came from."""
+    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "lm_head.conv.weight": "lm_head.weight"}
+    for i in range(layers):
+        ours, theirs = f"blocks.{i}", f"model.layers.{i}"
+        names[f"{ours}.norm1.weight"] = f"{theirs}.input_layernorm.weight"
+        names[f"{ours}.norm2.weight"] = f"{theirs}.post_attention_layernorm.weight"
+        for a, b in (("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"), ("attn.v", "self_attn.v_proj"),
+                     ("attn.o", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"), ("mlp.up", "mlp.up_proj"),
+                     ("mlp.down", "mlp.down_proj")):
+            names[f"{ours}.{a}.conv.weight"] = f"{theirs}.{b}.weight"
+    return names
+
+
 def rope_tables(hf_model: nn.Module, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [1, 1, T, D/2] for absolute `positions`, from the HF model's own rotary embedding
     (so rope scaling such as Llama 3's matches the original exactly)."""
@@ -184,3 +206,41 @@ def advance_past(past: list[torch.Tensor], new_kv: list[torch.Tensor], n: int) -
         else:           # values [KVH, 1, P, D]
             out.append(torch.cat([old, new[..., :n, :]], dim=-2)[..., -old.shape[-2]:, :])
     return out
+
+
+Step = Callable[[tuple[torch.Tensor, ...]], list[torch.Tensor]]
+
+
+def run_steps(step: Step, hf_model: nn.Module, ids: list[int], ar: int, context: int,
+              on_step: Callable[[tuple[torch.Tensor, ...], list[torch.Tensor]], None] | None = None) -> torch.Tensor:
+    """Feed `ids` (≤ context tokens) through an AR graph in steps of `ar` tokens, the way the
+    device does; `step` runs one graph call (torch module or onnxruntime). Returns logits [n, vocab]."""
+    got, past = [], None
+    for start in range(0, len(ids), ar):
+        chunk = ids[start:start + ar]
+        inputs = step_inputs(hf_model, chunk, start, ar, context, past)
+        outputs = step(inputs)
+        if on_step is not None:
+            on_step(inputs, outputs)
+        got.append(outputs[0][0, :len(chunk)])
+        past = advance_past(list(inputs[4:]), outputs[1:], len(chunk))
+    return torch.cat(got)
+
+
+def ar_perplexity(step: Step, hf_model: nn.Module, ids: list[int], ar: int, context: int, windows: int) -> float:
+    """exp(mean NLL) over the first `windows` non-overlapping windows of `context` tokens, each run
+    through the AR graph step by step (so it measures exactly what the graph computes)."""
+    nll, count = 0.0, 0
+    for w in range(min(windows, len(ids) // context)):
+        chunk = ids[w * context:(w + 1) * context]
+        logits = run_steps(step, hf_model, chunk, ar, context).float()
+        nll += nn.functional.cross_entropy(logits[:-1], torch.tensor(chunk[1:]), reduction="sum").item()
+        count += len(chunk) - 1
+    return math.exp(nll / count)
+
+
+def torch_step(model: nn.Module) -> Step:
+    def step(inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return list(model(*inputs))
+    return step

@@ -17,7 +17,9 @@ METHODS = ("reflink", "hardlink", "symlink", "copy")
 
 
 def _reflink(src: Path, dst: Path) -> None:
-    with open(src, "rb") as s, open(dst, "wb") as d:
+    # "xb", never "wb": an existing dst may be a hard link to a store file, and truncating it
+    # would empty the store entry itself
+    with open(src, "rb") as s, open(dst, "xb") as d:
         try:
             fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
         except OSError:

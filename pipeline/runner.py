@@ -65,16 +65,18 @@ def build(spec: StageSpec, settings: Settings) -> str:
         finally:
             lock.release()
     store.touch(spec.key)
-    _materialize(spec, store)
+    # a new entry under a key the workspace already names (its old entry was quarantined by
+    # `verify`, or gc'd): the workspace's files are the old entry's, so relink
+    _materialize(spec, store, force=outcome != "hit")
     say(f"{spec.task_name}: {outcome} {spec.key[:16]}… → {settings.shown(spec.workspace)}")
     return outcome
 
 
-def _materialize(spec: StageSpec, store: Store) -> None:
+def _materialize(spec: StageSpec, store: Store, force: bool = False) -> None:
     mark = json.dumps({"key": spec.key, "entry": str(store.entry(spec.key))}, indent=2)
     ws_lock = FileLock(spec.workspace.parent / ".locks" / f"{spec.stage}.lock")
     with ws_lock:
-        if workspace_key(spec) != spec.key:
+        if force or workspace_key(spec) != spec.key:
             materialize(store.out(spec.key), spec.workspace, extra={ENTRY_MARK: mark})
 
 

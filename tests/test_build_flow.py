@@ -125,3 +125,19 @@ def test_hub_id_resolves_offline_from_hf_cache(project, tiny_model_dir, tmp_path
     assert built(out) == ["model", "bundle"]
     summary = json.loads((project.artifacts / "hub" / "model" / "summary.json").read_text())
     assert summary["num_layers"] == 2
+
+
+def test_verify_quarantine_then_rebuild_relinks_the_workspace(tiny_project):
+    """An entry found corrupted is quarantined; the rebuild under the same key must replace the
+    workspace's files (which were links to the corrupted ones), not keep them."""
+    tiny_project.doit("recipe=tiny")
+    ws_file = tiny_project.artifacts / "tiny" / "model" / "config.json"
+    good = ws_file.read_text()
+    entry_file = next(tiny_project.store.glob("entries/*/*/out/config.json"))
+    entry_file.chmod(0o644)
+    entry_file.write_text("{}")  # bit rot in the store (and in every hard link of it)
+    proc = tiny_project.doit("verify", "recipe=tiny", check=False)
+    assert proc.returncode != 0 and "MISMATCH in config.json" in proc.stdout
+    out = tiny_project.doit("recipe=tiny").stdout
+    assert "model" in built(out)
+    assert ws_file.read_text() == good

@@ -186,3 +186,18 @@ def test_gc_keeps_needed_entries_and_applies_age_and_budget(tiny_project, monkey
     assert set(store.keys()) == needed | {new_key}
     assert gc(settings, tiny_project.store, 30, budget_gb=0.0) == [new_key]
     assert set(store.keys()) == needed  # over budget, yet what recipes need stays
+
+
+@pytest.mark.parametrize("method", ["reflink", "hardlink", "copy"])
+def test_link_tree_never_writes_through_an_existing_hard_link(tmp_path, method):
+    """Linking into a directory that already holds a hard link of the source must leave the
+    source intact (a truncating open once emptied a store entry's weight file this way)."""
+    from pipeline.materialize import link_tree
+
+    src, dst = tmp_path / "entry", tmp_path / "scratch"
+    src.mkdir()
+    (src / "weights.data").write_bytes(b"x" * 4096)
+    link_tree(src, dst, methods=("hardlink",))
+    with pytest.raises(OSError):
+        link_tree(src, dst, methods=(method,))
+    assert (src / "weights.data").read_bytes() == b"x" * 4096

@@ -28,7 +28,7 @@ def rtn(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.
 def _search(w: torch.Tensor, grid: Grid, loss, ratios: torch.Tensor = RATIOS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-group ratio from `ratios` that minimizes loss(groups_q) -> per-group error [out, n_groups]."""
     g = grid.groups(w)
-    best_err = torch.full(g.shape[:2], float("inf"))
+    best_err = torch.full(g.shape[:2], float("inf"), device=g.device)
     best_scale, best_zero = scale_zero(g, grid)
     for r in ratios:
         scale, zero = scale_zero(g, grid, float(r))
@@ -73,12 +73,12 @@ def gptq(w: torch.Tensor, grid: Grid, x: torch.Tensor, damp: float = 0.01,
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.diag(h).mean() * torch.eye(inp, dtype=h.dtype)
+    h += damp * torch.diag(h).mean() * torch.eye(inp, dtype=h.dtype, device=h.device)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(w)
     for i0 in range(0, inp, block):
         i1 = min(i0 + block, inp)
-        w_blk, err_blk, hinv_blk = w[:, i0:i1].clone(), torch.zeros(out, i1 - i0, dtype=w.dtype), hinv[i0:i1, i0:i1]
+        w_blk, err_blk, hinv_blk = w[:, i0:i1].clone(), torch.zeros(out, i1 - i0, dtype=w.dtype, device=w.device), hinv[i0:i1, i0:i1]
         for j in range(i1 - i0):
             col, d = w_blk[:, j], hinv_blk[j, j]
             s, z = col_scale[:, i0 + j], col_zero[:, i0 + j]

@@ -9,22 +9,30 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import algorithms
-from .grid import Grid
+from .grid import Grid, quantize
+
+if TYPE_CHECKING:
+    from .qdq import QuantParam
 
 
-def grid_for(name: str, scheme: dict[str, Any]) -> Grid | None:
-    """The grid of weight `name`; None keeps it float (bits 16/32)."""
-    spec = scheme["weights"]
+# Norm gammas without an override: HTP wants them at 16 bits (FACTS.md), never at the
+# scheme's 4-bit Conv default.
+NORM_DEFAULT = {"bits": 16, "granularity": "per-tensor", "symmetric": True}
+
+
+def grid_for(name: str, scheme: dict[str, Any], ndim: int = 2) -> Grid | None:
+    """The grid of weight `name` (first matching override first); None keeps it float (32)."""
+    spec = scheme["weights"] if ndim > 1 else NORM_DEFAULT
     for rule in scheme.get("overrides", []):
         if rule.get("weights") and re.search(rule["match"], name):
             spec = rule["weights"]
             break
-    if spec["bits"] >= 16:
+    if spec["bits"] >= 32:
         return None
     return Grid(spec["bits"], spec["granularity"], spec.get("block_size"), spec.get("symmetric", True))
 
@@ -61,8 +69,9 @@ def sqnr_db(w: torch.Tensor, wq: torch.Tensor) -> float:
 
 
 def quantize_weights(model: torch.nn.Module, scheme: dict[str, Any], algorithm: str,
-                     inputs: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    """Replace weights by their fake-quantized values in place; return one report row per weight."""
+                     inputs: dict[str, torch.Tensor], device: str = "cpu") -> list[dict[str, Any]]:
+    """Replace weights by their fake-quantized values in place; return one report row per weight.
+    The algorithm runs on `device` (calibration inputs are expected there already)."""
     rows = []
     done: set[int] = set()
     for name, module in quantizable(model):
@@ -70,18 +79,63 @@ def quantize_weights(model: torch.nn.Module, scheme: dict[str, Any], algorithm: 
         if grid is None or id(module.weight) in done:
             continue
         done.add(id(module.weight))
-        w = module.weight.data.float()
+        w = module.weight.data.float().to(device)
         if algorithm in ("seqmse", "gptq"):
             wq, scale, zero = getattr(algorithms, algorithm)(w, grid, inputs[name].float())
         elif algorithm == "mse":
             wq, scale, zero = algorithms.mse(w, grid)
         else:
             wq, scale, zero = algorithms.rtn(w, grid)
+        w, wq, scale, zero = w.cpu(), wq.cpu(), scale.cpu(), zero.cpu()
         module.weight.data = wq.to(module.weight.dtype)
         rows.append({"name": f"{name}.weight", "bits": grid.bits, "granularity": grid.granularity,
                      "block_size": grid.block_size, "symmetric": grid.symmetric, "sqnr_db": round(sqnr_db(w, wq), 3),
-                     "scale": scale.flatten().tolist(), "offset": (-zero).flatten().int().tolist()})
+                     "grid": grid, "scale": scale, "zero": zero})
     return rows
+
+
+def quant_param(name: str, w: torch.Tensor, grid: Grid, scale: torch.Tensor, zero: torch.Tensor,
+                shape: tuple[int, ...]) -> "QuantParam":
+    """Integer codes and DequantizeLinear layout of weight `w` (HF layout) for an ONNX initializer
+    of `shape` (a 1x1 Conv's [out, in, 1, 1], an embedding's [vocab, hidden], a norm's [hidden])."""
+    from .encodings import encoding_from_grid
+    from .qdq import QuantParam
+
+    codes = quantize(grid.groups(w.reshape(w.shape[0], -1) if w.ndim > 1 else w[None]), scale, zero, grid)
+    if grid.granularity == "per-tensor":
+        axis, onnx_scale = None, scale.reshape(())
+    elif grid.granularity == "per-channel":
+        axis, onnx_scale = 0, scale.reshape(-1)
+    else:
+        axis, onnx_scale = 1, scale.reshape(scale.shape[0], scale.shape[1], *[1] * (len(shape) - 2))
+    encoding = encoding_from_grid(name, grid.bits, grid.symmetric, scale.flatten().tolist(), zero.flatten().tolist(),
+                                  grid.qmin, grid.block_size if axis == 1 else None)
+    return QuantParam(encoding, codes.reshape(shape).to(torch.int32).numpy(), onnx_scale.numpy(),
+                      zero.reshape(onnx_scale.shape).to(torch.int32).numpy(), axis,
+                      grid.block_size if axis == 1 else None)
+
+
+def onnx_params(model: torch.nn.Module, scheme: dict[str, Any], rows: list[dict[str, Any]],
+                names: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> dict[str, "QuantParam"]:
+    """QuantParams for the ONNX initializers `names` maps to HF parameters: the algorithm's grid for
+    the weights it quantized (tied ones included), round-to-nearest on the scheme's grid for the rest."""
+    state = dict(model.named_parameters(remove_duplicate=False))
+    done = {state[r["name"]].data_ptr(): r for r in rows}
+    params = {}
+    for onnx_name, hf_name in names.items():
+        if onnx_name not in shapes or hf_name not in state:
+            continue
+        w = state[hf_name].detach().float()
+        row = done.get(state[hf_name].data_ptr())
+        if row is not None:
+            grid, scale, zero = row["grid"], row["scale"], row["zero"]
+        else:
+            grid = grid_for(hf_name, scheme, w.ndim)
+            if grid is None:
+                continue
+            _, scale, zero = algorithms.rtn(w.reshape(w.shape[0], -1) if w.ndim > 1 else w[None], grid)
+        params[onnx_name] = quant_param(onnx_name, w, grid, scale, zero, shapes[onnx_name])
+    return params
 
 
 def perplexity(model: torch.nn.Module, ids: list[int], ctx: int, windows: int) -> float:

@@ -32,7 +32,7 @@ class ExportOnnx(Stage):
     """Adapted-model ONNX graphs (AR-128, AR-1, ...) + test vectors."""
 
     name = "export.onnx"
-    version = 1
+    version = 2  # 2: mask value -100
     Params = ExportParams
     tools = ("python", "torch", "transformers", "onnx", "onnxruntime", "numpy")
     resource = "heavy"
