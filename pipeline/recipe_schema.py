@@ -99,6 +99,10 @@ class WeightQuant(Strict):
 
 class ActivationQuant(Strict):
     bits: Literal[8, 16, 32] = Field(16, description="Activation bit width (32 = float).")
+    float16_outlier_ratio: float | None = Field(
+        None, gt=1,
+        description="Mixed precision: a 16-bit activation whose calibrated max |x| exceeds this many times its mean |x| "
+                    "runs in float16 instead (HTP v73+); unset = every activation on the integer grid.")
 
 
 class KvQuant(Strict):

@@ -10,6 +10,8 @@ Two file versions (both documented in README, "Encodings"):
   (+ block_size for PER_BLOCK), plus `producer` and `quantizer_args`.
 - 0.6.1 (older QNN SDKs): dicts name -> [one {bitwidth, dtype, is_symmetric ("True"/"False"),
   min, max, scale, offset} per channel]; it has no per-block form.
+A float16 tensor (mixed precision: HTP v73+ runs fp16) has no scale/offset: 1.0.0
+{name, bw: 16, dtype: FLOAT, enc_type: PER_TENSOR, is_sym: true}, 0.6.1 [{bitwidth: 16, dtype: float}].
 """
 from __future__ import annotations
 
@@ -35,6 +37,10 @@ class Encoding:
     block_size: int | None = None  # per-block weights: scale per (channel, block), row-major
 
     @property
+    def is_float(self) -> bool:
+        return not self.scale
+
+    @property
     def enc_type(self) -> str:
         if self.block_size:
             return "PER_BLOCK"
@@ -48,7 +54,13 @@ def encoding_from_grid(name: str, bits: int, symmetric: bool, scale: list[float]
                     tuple(int(qmin - z) for z in zero), block_size)
 
 
+def float16(name: str) -> Encoding:
+    return Encoding(name, 16, True, (), ())
+
+
 def _v1(e: Encoding) -> dict[str, Any]:
+    if e.is_float:
+        return {"name": e.name, "bw": 16, "dtype": "FLOAT", "enc_type": "PER_TENSOR", "is_sym": True}
     row = {"name": e.name, "bw": e.bits, "dtype": "INT", "enc_type": e.enc_type, "is_sym": e.symmetric,
            "scale": list(e.scale), "offset": list(e.offset)}
     if e.block_size:
@@ -60,6 +72,8 @@ def _v061(e: Encoding) -> list[dict[str, Any]]:
     if e.block_size:
         raise KilnError(f"encodings 0.6.1 cannot express per-block weights ({e.name}, block {e.block_size}); "
                         "use encodings version 1.0.0")
+    if e.is_float:
+        return [{"bitwidth": 16, "dtype": "float"}]
     top = 2 ** e.bits - 1
     return [{"bitwidth": e.bits, "dtype": "int", "is_symmetric": str(e.symmetric), "scale": s, "offset": o,
              "min": s * o, "max": s * (top + o)} for s, o in zip(e.scale, e.offset)]
@@ -91,14 +105,20 @@ class _V1Entry(_Strict):
     dtype: Literal["INT", "FLOAT"]
     enc_type: Literal["PER_TENSOR", "PER_CHANNEL", "PER_BLOCK", "LPBQ"]
     is_sym: bool
-    scale: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
-    offset: list[int] = Field(min_length=1)
+    scale: list[Annotated[float, Field(gt=0)]] = []
+    offset: list[int] = []
     block_size: int | None = Field(None, gt=0)
     compressed_bw: int | None = None
     per_block_int_scale: list[int] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "_V1Entry":
+        if self.dtype == "FLOAT":
+            if self.scale or self.offset or self.bw not in (16, 32) or self.enc_type != "PER_TENSOR":
+                raise ValueError(f"{self.name}: a FLOAT encoding is PER_TENSOR, 16/32 bits, without scale/offset")
+            return self
+        if not self.scale:
+            raise ValueError(f"{self.name}: an INT encoding needs scale and offset")
         if len(self.scale) != len(self.offset):
             raise ValueError(f"{self.name}: {len(self.scale)} scales but {len(self.offset)} offsets")
         if self.enc_type == "PER_TENSOR" and len(self.scale) != 1:
@@ -132,14 +152,21 @@ class _V1Doc(_Strict):
 class _V061Entry(_Strict):
     bitwidth: Literal[4, 8, 16, 32]
     dtype: Literal["int", "float"]
-    is_symmetric: Literal["True", "False"]
-    scale: float = Field(gt=0)
-    offset: int
-    min: float
-    max: float
+    is_symmetric: Literal["True", "False"] | None = None
+    scale: float | None = Field(None, gt=0)
+    offset: int | None = None
+    min: float | None = None
+    max: float | None = None
 
     @model_validator(mode="after")
     def _range(self) -> "_V061Entry":
+        given = [v is not None for v in (self.is_symmetric, self.scale, self.offset, self.min, self.max)]
+        if self.dtype == "float":
+            if any(given):
+                raise ValueError("a float encoding has no is_symmetric/scale/offset/min/max")
+            return self
+        if not all(given):
+            raise ValueError("an int encoding needs is_symmetric, scale, offset, min and max")
         if abs(self.min - self.scale * self.offset) > 1e-6 * max(1.0, abs(self.min)):
             raise ValueError(f"min {self.min} != scale * offset {self.scale * self.offset}")
         if not self.min <= 0 <= self.max:

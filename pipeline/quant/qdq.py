@@ -24,6 +24,7 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper, versio
 from ..adapted_llama import Step
 from ..materialize import link_tree
 from .encodings import Encoding
+from .observer import Observer
 
 OPSET = 21
 # Ops whose float outputs get an activation encoding; data movement (Reshape, Transpose,
@@ -100,8 +101,8 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
 
 
 def calibrate_ranges(src: Path, tensors: list[str], names_in: list[str], names_out: list[str],
-                     drive: Callable[[Step], None], scratch: Path) -> dict[str, tuple[float, float]]:
-    """Min/max of `tensors` over the calibration runs `drive` makes with the step function
+                     drive: Callable[[Step], None], scratch: Path) -> dict[str, Observer]:
+    """Statistics of `tensors` over the calibration runs `drive` makes with the step function
     it is given (the float graph, every tensor of interest exposed as an output)."""
     import onnxruntime as ort
     import torch
@@ -117,22 +118,20 @@ def calibrate_ranges(src: Path, tensors: list[str], names_in: list[str], names_o
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
-    ranges: dict[str, tuple[float, float]] = {}
+    observers = {t: Observer() for t in tensors}
 
     def step(inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         feed = {n: t.numpy() for n, t in zip(names_in, inputs)}
         values = session.run(names_out + extra, feed)
         seen = {**feed, **dict(zip(names_out + extra, values))}
         for t in tensors:
-            lo, hi = float(seen[t].min()), float(seen[t].max())
-            old = ranges.get(t, (lo, hi))
-            ranges[t] = (min(old[0], lo), max(old[1], hi))
+            observers[t].update(seen[t])
         return [torch.from_numpy(v) for v in values[:len(names_out)]]
 
     drive(step)
     del session
     shutil.rmtree(scratch)
-    return ranges
+    return observers
 
 
 def _int_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> TensorProto:
@@ -149,6 +148,9 @@ def _int_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> Tenso
 
 
 def _act_qdq(tensor: str, src: str, dst: str, e: Encoding) -> tuple[list[onnx.NodeProto], list[TensorProto]]:
+    if e.is_float:  # float16 (mixed precision): round through half
+        return [helper.make_node("Cast", [src], [f"{tensor}_fp16"], to=TensorProto.FLOAT16, name=f"{tensor}_ToFp16"),
+                helper.make_node("Cast", [f"{tensor}_fp16"], [dst], to=TensorProto.FLOAT, name=f"{tensor}_FromFp16")], []
     zp = -e.offset[0]
     inits = [numpy_helper.from_array(np.array(e.scale[0], np.float32), f"{tensor}_qscale"),
              _int_tensor(f"{tensor}_qzp", np.array(zp), e.bits, signed=False)]
@@ -217,7 +219,7 @@ def build_qdq(src: Path, dst: Path, graph_name: str, params: dict[str, QuantPara
     del g.initializer[:]
     g.initializer.extend(kept + new_inits)
     g.name = graph_name
-    missing = set(activations) - graph_inputs - {n.output[0] for n in nodes if n.op_type == "DequantizeLinear"}
+    missing = set(activations) - graph_inputs - {n.output[0] for n in nodes if n.op_type in ("DequantizeLinear", "Cast")}
     if missing or graph_outputs - {o for n in nodes for o in n.output} - graph_inputs:
         raise RuntimeError(f"QDQ rewrite lost tensors: {sorted(missing)[:5]}")
     onnx.checker.check_model(model)

@@ -16,6 +16,7 @@ Report: quantize.json, report.md (with the export's onnxruntime-vs-HF check per 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -94,6 +95,7 @@ class Quantize(Stage):
                             f"0.6.1 cannot express the per-block weights of scheme {s.name!r}; use 1.0.0")
         return {**own, "algorithm": s.algorithm, "context_length": recipe.spec.context_length,
                 "scheme": {"weights": s.weights.model_dump(mode="json"), "activations": s.activations.bits,
+                           "float16_outlier_ratio": s.activations.float16_outlier_ratio,
                            "kv_cache": s.kv_cache.bits,
                            "overrides": [o.model_dump(mode="json") for o in s.overrides]}}
 
@@ -105,7 +107,7 @@ class Quantize(Stage):
         from ..onnx_check import ort_session, ort_step
         from ..quant import encodings, qdq
         from ..quant.model import capture_inputs, onnx_params, quantize_weights
-        from ..quant.sim import FakeQuant, QuantSim
+        from ..quant.sim import QuantSim
 
         p, scheme = ctx.params, ctx.params["scheme"]
         context = p["context_length"]
@@ -158,22 +160,29 @@ class Quantize(Stage):
         state = dict(model.named_parameters())
         for name, param in params.items():
             state[name].data = torch.from_numpy(qdq.dequantize(param)).reshape(state[name].shape)
-        sim = QuantSim(model, scheme["activations"], scheme["kv_cache"])
+        act_bits, ratio = scheme["activations"], scheme["float16_outlier_ratio"] or math.inf
+        sim = QuantSim(model, act_bits, scheme["kv_cache"], ratio)
         for prompt in prompts:
-            run_steps(torch_step(model), hf, prompt, ar, context)
+            run_steps(sim.step(), hf, prompt, ar, context)
         sim.freeze()
-        ppl_sim = timed("torch sim PPL", ppl, torch_step(model))
+        ppl_sim = timed("torch sim PPL", ppl, sim.step())
 
-        # 3. activation ranges on the float graph, then QDQ + encodings for every AR graph
-        act_bits = scheme["activations"]
-        structure = qdq.load_structure(float_onnx)
-        tensors = qdq.activation_tensors(structure) if act_bits < 32 else []
-        tensors = [t for t in tensors if not t.startswith("past_")]
-        ranges = qdq.calibrate_ranges(float_onnx, tensors, names_in, names_out,
-                                      lambda step: [run_steps(step, hf, b, ar, context) for b in prompts],
-                                      ctx.out.parent / "calibration") if tensors else {}
-        acts = {t: FakeQuant.from_range(act_bits, lo, hi).encoding(t) for t, (lo, hi) in ranges.items()}
+        # 3. activation statistics on the weight-quantized graph (as the sim's), then QDQ + encodings
+        tensors = [t for t in qdq.activation_tensors(qdq.load_structure(float_onnx)) if not t.startswith("past_")]
+        acts: dict[str, Any] = {}
+        if act_bits < 32:
+            weights_only = ctx.out.parent / "weights_only" / float_onnx.name
+            weights_only.parent.mkdir()
+            qdq.build_qdq(float_onnx, weights_only, main["graph"], params, {})
+            stats = qdq.calibrate_ranges(weights_only, tensors, names_in, names_out,
+                                         lambda step: [run_steps(step, hf, b, ar, context) for b in prompts],
+                                         ctx.out.parent / "calibration")
+            acts = {t: o.encoding(t, act_bits, ratio) for t, o in stats.items()}
         acts.update(sim.kv_encodings())  # past_*_in/_out: the sim's shared KV encodings
+        float16 = sorted(t for t, e in acts.items() if e.is_float)
+        if float16:
+            ctx.log.info(f"float16 (max |x| > {ratio:g} × mean |x|): {len(float16)} of {len(acts)} activation "
+                         f"tensors in the graph, {100 * sim.float16_share():.1f}% of the sim's")
         quantizer_args = {"activation_bitwidth": act_bits, "param_bitwidth": scheme["weights"]["bits"],
                           "kv_bitwidth": scheme["kv_cache"], "dtype": "int", "algorithm": algorithm,
                           "per_channel_quantization": scheme["weights"]["granularity"] != "per-tensor"}
