@@ -11,7 +11,7 @@ import torch
 
 from pipeline.errors import KilnError
 from pipeline.quant import algorithms, encodings
-from pipeline.quant.encodings import Encoding, encoding_from_grid
+from pipeline.quant.encodings import encoding_from_grid
 from pipeline.quant.grid import Grid
 from pipeline.quant.model import quant_param
 from pipeline.quant.qdq import dequantize

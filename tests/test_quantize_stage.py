@@ -69,7 +69,7 @@ def test_encodings_061_with_per_block_weights_is_refused_at_plan_time(tiny_proje
     tiny_project.write("tq.yaml", RECIPE.replace("ALGO", "rtn").replace("eval_windows: 2", "eval_windows: 2, encodings_version: '0.6.1'"))
     proc = tiny_project.doit("recipe=tq", check=False)
     assert proc.returncode != 0
-    assert re.search(r"tq.yaml:8: stages.quantize.encodings_version: 0.6.1 cannot express the per-block weights "
+    assert re.search(r"tq.yaml:7: stages.quantize.encodings_version: 0.6.1 cannot express the per-block weights "
                      r"of scheme 'w4a16_kv8'; use 1.0.0", proc.stdout + proc.stderr)
 
 

@@ -43,8 +43,8 @@ def quantizable(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear]]
             yield name, module
 
 
-def capture_inputs(model: torch.nn.Module, batches: list[torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
-    """Inputs seen by each quantizable Linear on the calibration batches (a row sample of at most `rows`)."""
+def capture_inputs(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inputs seen by each quantizable Linear on the calibration batches, one row per token."""
     seen: dict[str, list[torch.Tensor]] = {}
     hooks = [m.register_forward_hook(lambda mod, args, out, n=n: seen.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1]).detach()))
              for n, m in quantizable(model)]
@@ -55,12 +55,13 @@ def capture_inputs(model: torch.nn.Module, batches: list[torch.Tensor], rows: in
     finally:
         for h in hooks:
             h.remove()
+    return {name: torch.cat(chunks) for name, chunks in seen.items()}
+
+
+def sample_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """A fixed random sample of at most `rows` rows."""
     gen = torch.Generator().manual_seed(0)
-    out = {}
-    for name, chunks in seen.items():
-        x = torch.cat(chunks)
-        out[name] = x[torch.randperm(x.shape[0], generator=gen)[:rows]] if x.shape[0] > rows else x
-    return out
+    return x[torch.randperm(x.shape[0], generator=gen)[:rows].to(x.device)] if x.shape[0] > rows else x
 
 
 def sqnr_db(w: torch.Tensor, wq: torch.Tensor) -> float:
@@ -69,9 +70,11 @@ def sqnr_db(w: torch.Tensor, wq: torch.Tensor) -> float:
 
 
 def quantize_weights(model: torch.nn.Module, scheme: dict[str, Any], algorithm: str,
-                     inputs: dict[str, torch.Tensor], device: str = "cpu") -> list[dict[str, Any]]:
+                     inputs: dict[str, torch.Tensor], device: str = "cpu", seqmse_rows: int = 1024) -> list[dict[str, Any]]:
     """Replace weights by their fake-quantized values in place; return one report row per weight.
-    The algorithm runs on `device` (calibration inputs are expected there already)."""
+    The algorithm runs on `device` (calibration inputs are expected there already). GPTQ uses
+    every calibration row (its Hessian needs far more rows than input channels: 256 rows made it
+    worse than round-to-nearest on SmolLM2); SeqMSE, whose cost grows with rows, a sample."""
     rows = []
     done: set[int] = set()
     for name, module in quantizable(model):
@@ -80,8 +83,10 @@ def quantize_weights(model: torch.nn.Module, scheme: dict[str, Any], algorithm: 
             continue
         done.add(id(module.weight))
         w = module.weight.data.float().to(device)
-        if algorithm in ("seqmse", "gptq"):
-            wq, scale, zero = getattr(algorithms, algorithm)(w, grid, inputs[name].float())
+        if algorithm == "gptq":
+            wq, scale, zero = algorithms.gptq(w, grid, inputs[name].float())
+        elif algorithm == "seqmse":
+            wq, scale, zero = algorithms.seqmse(w, grid, sample_rows(inputs[name], seqmse_rows).float())
         elif algorithm == "mse":
             wq, scale, zero = algorithms.mse(w, grid)
         else:

@@ -104,8 +104,9 @@ def calibrate_ranges(src: Path, tensors: list[str], names_in: list[str], names_o
                      drive: Callable[[Step], None], scratch: Path) -> dict[str, Observer]:
     """Statistics of `tensors` over the calibration runs `drive` makes with the step function
     it is given (the float graph, every tensor of interest exposed as an output)."""
-    import onnxruntime as ort
     import torch
+
+    from ..onnx_check import ort_session
 
     model = onnx.load(str(src), load_external_data=False)
     extra = [t for t in tensors if t not in names_out and t not in names_in]
@@ -115,9 +116,7 @@ def calibrate_ranges(src: Path, tensors: list[str], names_in: list[str], names_o
     link_tree(src.parent, scratch, methods=("reflink", "hardlink", "copy"))
     augmented = scratch / "calibration.onnx"
     onnx.save_model(model, str(augmented))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(augmented), options, providers=["CPUExecutionProvider"])
+    session = ort_session(augmented)
     observers = {t: Observer() for t in tensors}
 
     def step(inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
@@ -129,7 +128,6 @@ def calibrate_ranges(src: Path, tensors: list[str], names_in: list[str], names_o
         return [torch.from_numpy(v) for v in values[:len(names_out)]]
 
     drive(step)
-    del session
     shutil.rmtree(scratch)
     return observers
 

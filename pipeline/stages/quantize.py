@@ -16,7 +16,6 @@ Report: quantize.json, report.md (with the export's onnxruntime-vs-HF check per 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -29,13 +28,14 @@ from .export_onnx import ExportOnnx
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
+    from ..recipe_schema import SchemeSpec
 
 
 class QuantizeParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     calibration_samples: int = Field(8, ge=1, description="Chat-formatted calibration prompts.")
     calibration_tokens: int = Field(128, ge=8, description="Text tokens per calibration prompt (and as many answering).")
-    calibration_rows: int = Field(256, ge=16, description="Token rows kept per layer for SeqMSE/GPTQ.")
+    seqmse_rows: int = Field(1024, ge=16, description="Token rows per layer SeqMSE scores candidates on (GPTQ uses all).")
     eval_windows: int = Field(8, ge=1, description="Non-overlapping windows of context_length tokens of evaluation text scored.")
     encodings_version: Literal["1.0.0", "0.6.1"] = Field("1.0.0", description="AIMET encodings file version.")
     max_qdq_sim_gap_pct: float = Field(1.0, gt=0, description="Fail when the QDQ ONNX's PPL differs more than this from the torch sim's.")
@@ -64,6 +64,13 @@ def calibration_batches(tokenizer: Any, text: str, samples: int, tokens: int) ->
     return batches
 
 
+def scheme_params(s: "SchemeSpec") -> dict[str, Any]:
+    """What of a scheme the quantize stage reads (its part of the stage key)."""
+    return {"weights": s.weights.model_dump(mode="json"), "activations": s.activations.bits,
+            "float16_outlier_ratio": s.activations.float16_outlier_ratio, "kv_cache": s.kv_cache.bits,
+            "overrides": [o.model_dump(mode="json") for o in s.overrides]}
+
+
 def graph_file(export_dir: Path) -> Path:
     return next(p for p in export_dir.glob("*.onnx"))
 
@@ -89,25 +96,24 @@ class Quantize(Stage):
     def params(cls, recipe: "Recipe", variant: str = "") -> dict[str, Any]:
         s = recipe.scheme
         own = recipe.stage_params(cls.name)
+        if any(o.activations for o in s.overrides):
+            raise KilnError(f"{recipe.where('scheme')}: scheme {s.name!r}: overrides[].activations is not supported by "
+                            "the quantize stage; use activations.float16_outlier_ratio for mixed precision")
         blocked = [w for w in [s.weights] + [o.weights for o in s.overrides if o.weights] if w.granularity == "per-block"]
         if own["encodings_version"] == "0.6.1" and blocked:
             raise KilnError(f"{recipe.where('stages', 'quantize', 'encodings_version')}: stages.quantize.encodings_version: "
                             f"0.6.1 cannot express the per-block weights of scheme {s.name!r}; use 1.0.0")
         return {**own, "algorithm": s.algorithm, "context_length": recipe.spec.context_length,
-                "scheme": {"weights": s.weights.model_dump(mode="json"), "activations": s.activations.bits,
-                           "float16_outlier_ratio": s.activations.float16_outlier_ratio,
-                           "kv_cache": s.kv_cache.bits,
-                           "overrides": [o.model_dump(mode="json") for o in s.overrides]}}
+                "scheme": scheme_params(s)}
 
     def run(self, ctx: StageContext) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..adapted_llama import AdaptedLlama, ar_perplexity, hf_names, io_names, run_steps, torch_step
+        from ..adapted_llama import AdaptedLlama, ar_perplexity, io_names, run_steps, torch_step
         from ..onnx_check import ort_session, ort_step
         from ..quant import encodings, qdq
-        from ..quant.model import capture_inputs, onnx_params, quantize_weights
-        from ..quant.sim import QuantSim
+        from ..quant.flow import calibrated_sim, float16_ratio, pick_device, quantize_model
 
         p, scheme = ctx.params, ctx.params["scheme"]
         context = p["context_length"]
@@ -139,33 +145,17 @@ class Quantize(Stage):
 
         ppl_float = timed("float PPL", ppl, torch_step(AdaptedLlama(hf).eval()))
 
-        # 1. weights
+        # 1. weights, 2. the sim
         algorithm = "rtn" if p["algorithm"] in ("none", "rtn") else p["algorithm"]
-        device = "cuda" if p["device"] == "cuda" or (p["device"] == "auto" and torch.cuda.is_available()) else "cpu"
-        inputs = {}
-        t0 = time.monotonic()
-        if algorithm in ("seqmse", "gptq"):
-            inputs = capture_inputs(hf, [torch.tensor([b]) for b in prompts], p["calibration_rows"])
-            inputs = {k: v.to(device) for k, v in inputs.items()}
+        device = pick_device(p["device"])
         float_onnx = graph_file(main["dir"])
         shapes = {i.name: tuple(i.dims) for i in qdq.load_structure(float_onnx).graph.initializer}
-        rows = quantize_weights(hf, scheme, algorithm, inputs, device)
-        params = onnx_params(hf, scheme, rows, hf_names(hf.config.num_hidden_layers), shapes)
-        weight_seconds = time.monotonic() - t0
+        rows, params, weight_seconds = quantize_model(hf, scheme, algorithm, prompts, shapes, device, p["seqmse_rows"])
         ctx.log.info(f"weights: {algorithm} on {device}, {len(rows)} projections + {len(params) - len(rows)} other "
                      f"params ({weight_seconds:.1f}s)")
-
-        # 2. the sim: the adapted model on exactly the QDQ weights, activation and KV fake-quant
-        model = AdaptedLlama(hf).eval()
-        state = dict(model.named_parameters())
-        for name, param in params.items():
-            state[name].data = torch.from_numpy(qdq.dequantize(param)).reshape(state[name].shape)
-        act_bits, ratio = scheme["activations"], scheme["float16_outlier_ratio"] or math.inf
-        sim = QuantSim(model, act_bits, scheme["kv_cache"], ratio)
-        for prompt in prompts:
-            run_steps(sim.step(), hf, prompt, ar, context)
-        sim.freeze()
+        sim = calibrated_sim(hf, params, scheme, prompts, ar, context)
         ppl_sim = timed("torch sim PPL", ppl, sim.step())
+        act_bits, ratio = scheme["activations"], float16_ratio(scheme)
 
         # 3. activation statistics on the weight-quantized graph (as the sim's), then QDQ + encodings
         tensors = [t for t in qdq.activation_tensors(qdq.load_structure(float_onnx)) if not t.startswith("past_")]

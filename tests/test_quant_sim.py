@@ -1,0 +1,66 @@
+"""The torch quantization sim quantizes the same tensors as the QDQ graph, and its grids behave."""
+from __future__ import annotations
+
+import math
+
+import torch
+from test_export_onnx import tiny_hf
+
+from pipeline.adapted_llama import AdaptedLlama, io_names, run_steps, step_inputs, torch_step
+from pipeline.quant import qdq
+from pipeline.quant.sim import QuantSim
+
+IDS = [5, 9, 17, 3, 44, 2, 90, 7, 61, 12]
+
+
+def calibrated(hf, act_bits: int, kv_bits: int, ratio: float) -> QuantSim:
+    sim = QuantSim(AdaptedLlama(hf).eval(), act_bits, kv_bits, ratio)
+    run_steps(sim.step(), hf, IDS, 4, 16)
+    sim.freeze()
+    return sim
+
+
+def test_sim_taps_match_the_graphs_activation_tensors(tmp_path):
+    hf = tiny_hf()
+    model = AdaptedLlama(hf).eval()
+    names_in, names_out = io_names(2)
+    path = tmp_path / "g.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, step_inputs(hf, [1], 0, 4, 16), str(path), input_names=names_in,
+                          output_names=names_out, opset_version=17, dynamo=False)
+    graph = qdq.load_structure(path)
+    producers = {o: n.op_type for n in graph.graph.node for o in n.output}
+    tensors = [t for t in qdq.activation_tensors(graph) if not t.startswith("past_")]
+    sim = calibrated(hf, 16, 8, math.inf)
+    # the graph splits SiLU into Sigmoid and Mul, and re-quantizes the logits output; else 1:1
+    sigmoids = sum(producers.get(t) == "Sigmoid" for t in tensors)
+    assert sigmoids == 2 and len(sim.acts) == len(tensors) - sigmoids - 1
+    # inside RMSNorm only the output is quantized (x² of a BOS token would wreck a 16-bit grid)
+    assert not [t for t in tensors if "/norm1/" in t and not t.endswith("Mul_1_output_0")]
+
+
+def logits(step, hf) -> torch.Tensor:
+    return run_steps(step, hf, IDS, 4, 16)
+
+
+def test_sim_error_grows_as_bits_shrink_and_float16_is_nearly_exact():
+    hf = tiny_hf()
+    ref = logits(torch_step(AdaptedLlama(hf).eval()), hf)
+    err = {name: (logits(calibrated(hf, bits, kv, ratio).step(), hf) - ref).abs().max().item()
+           for name, bits, kv, ratio in [("a16", 16, 32, math.inf), ("a8", 8, 32, math.inf),
+                                          ("kv8", 32, 8, math.inf), ("fp16", 16, 32, 1.0001)]}
+    assert 0 < err["a16"] < err["a8"]
+    assert 0 < err["kv8"]
+    assert err["fp16"] < 1e-2 and err["fp16"] < err["a16"] * 10
+
+
+def test_every_tensor_float16_when_ratio_is_tiny_and_kv_encodings_are_shared():
+    hf = tiny_hf()
+    sim = calibrated(hf, 16, 8, 1.0001)
+    assert sim.float16_share() > 0.9
+    kv = sim.kv_encodings()
+    assert set(kv) == {f"past_{k}_{i}_{s}" for k in ("key", "value") for i in range(2) for s in ("in", "out")}
+    for i in range(2):
+        a, b = kv[f"past_key_{i}_in"], kv[f"past_key_{i}_out"]
+        assert (a.bits, a.scale, a.offset) == (b.bits, b.scale, b.offset) == (8, a.scale, a.offset)
+        assert not a.is_float  # 8-bit KV never goes float16
