@@ -141,15 +141,3 @@ def onnx_params(model: torch.nn.Module, scheme: dict[str, Any], rows: list[dict[
             _, scale, zero = algorithms.rtn(w.reshape(w.shape[0], -1) if w.ndim > 1 else w[None], grid)
         params[onnx_name] = quant_param(onnx_name, w, grid, scale, zero, shapes[onnx_name])
     return params
-
-
-def perplexity(model: torch.nn.Module, ids: list[int], ctx: int, windows: int) -> float:
-    """exp(mean NLL) over non-overlapping windows of `ctx` tokens (the first `windows` of them)."""
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for w in range(min(windows, len(ids) // ctx)):
-            chunk = torch.tensor([ids[w * ctx:(w + 1) * ctx]])
-            logits = model(chunk).logits[0, :-1].float()
-            nll += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
-            count += ctx - 1
-    return math.exp(nll / count)

@@ -103,7 +103,7 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
 def calibrate_ranges(src: Path, tensors: list[str], names_in: list[str], names_out: list[str],
                      drive: Callable[[Step], None], scratch: Path) -> dict[str, Observer]:
     """Statistics of `tensors` over the calibration runs `drive` makes with the step function
-    it is given (the float graph, every tensor of interest exposed as an output)."""
+    it is given (graph `src`, every tensor of interest exposed as an output)."""
     import torch
 
     from ..onnx_check import ort_session
@@ -138,9 +138,8 @@ def _int_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> Tenso
         if flat.size % 2:
             flat = np.append(flat, 0)
         packed = ((flat[0::2] & 0xF) | ((flat[1::2] & 0xF) << 4)).astype(np.uint8)
-        t = helper.make_tensor(name, TensorProto.INT4 if signed else TensorProto.UINT4, values.shape,
-                               packed.tobytes(), raw=True)
-        return t
+        return helper.make_tensor(name, TensorProto.INT4 if signed else TensorProto.UINT4, values.shape,
+                                  packed.tobytes(), raw=True)
     dtype = {(8, True): np.int8, (8, False): np.uint8, (16, True): np.int16, (16, False): np.uint16}[(bits, signed)]
     return numpy_helper.from_array(values.astype(dtype), name)
 

@@ -14,6 +14,8 @@ Use: run the calibration prompts (observe), `freeze`, then run (simulate).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -140,9 +142,5 @@ class QuantSim:
 
     def kv_encodings(self) -> dict[str, Encoding]:
         """Graph tensor name -> encoding, the same one for past_X_i_in and past_X_i_out."""
-        out = {}
-        for kind, q in self.kv.items():
-            for side in ("in", "out"):
-                e = q.observer.encoding(f"past_{kind}_{side}", q.bits, q.float16_ratio)
-                out[e.name] = e
-        return out
+        return {f"past_{kind}_{side}": replace(q.frozen, name=f"past_{kind}_{side}")
+                for kind, q in self.kv.items() for side in ("in", "out")}

@@ -149,7 +149,8 @@ class Quantize(Stage):
         algorithm = "rtn" if p["algorithm"] in ("none", "rtn") else p["algorithm"]
         device = pick_device(p["device"])
         float_onnx = graph_file(main["dir"])
-        shapes = {i.name: tuple(i.dims) for i in qdq.load_structure(float_onnx).graph.initializer}
+        structure = qdq.load_structure(float_onnx)
+        shapes = {i.name: tuple(i.dims) for i in structure.graph.initializer}
         rows, params, weight_seconds = quantize_model(hf, scheme, algorithm, prompts, shapes, device, p["seqmse_rows"])
         ctx.log.info(f"weights: {algorithm} on {device}, {len(rows)} projections + {len(params) - len(rows)} other "
                      f"params ({weight_seconds:.1f}s)")
@@ -158,7 +159,7 @@ class Quantize(Stage):
         act_bits, ratio = scheme["activations"], float16_ratio(scheme)
 
         # 3. activation statistics on the weight-quantized graph (as the sim's), then QDQ + encodings
-        tensors = [t for t in qdq.activation_tensors(qdq.load_structure(float_onnx)) if not t.startswith("past_")]
+        tensors = [t for t in qdq.activation_tensors(structure) if not t.startswith("past_")]
         acts: dict[str, Any] = {}
         if act_bits < 32:
             weights_only = ctx.out.parent / "weights_only" / float_onnx.name
@@ -169,20 +170,20 @@ class Quantize(Stage):
                                          ctx.out.parent / "calibration")
             acts = {t: o.encoding(t, act_bits, ratio) for t, o in stats.items()}
         acts.update(sim.kv_encodings())  # past_*_in/_out: the sim's shared KV encodings
-        float16 = sorted(t for t, e in acts.items() if e.is_float)
+        float16 = sum(e.is_float for e in acts.values())
         if float16:
-            ctx.log.info(f"float16 (max |x| > {ratio:g} × mean |x|): {len(float16)} of {len(acts)} activation "
+            ctx.log.info(f"float16 (max |x| > {ratio:g} × mean |x|): {float16} of {len(acts)} activation "
                          f"tensors in the graph, {100 * sim.float16_share():.1f}% of the sim's")
         quantizer_args = {"activation_bitwidth": act_bits, "param_bitwidth": scheme["weights"]["bits"],
                           "kv_bitwidth": scheme["kv_cache"], "dtype": "int", "algorithm": algorithm,
                           "per_channel_quantization": scheme["weights"]["granularity"] != "per-tensor"}
+        # tensor names are the same in every AR graph, and so are the encodings
+        doc = encodings.render([acts[t] for t in sorted(acts)], [params[n].encoding for n in sorted(params)],
+                               p["encodings_version"], quantizer_args)
         graphs = []
-        for node, e in sorted(exports.items(), key=lambda kv_: -kv_[1]["ar"]):
-            src = graph_file(e["dir"])
+        for e in sorted(exports.values(), key=lambda e: -e["ar"]):
             dst = ctx.out / f"{e['graph']}.qdq.onnx"
-            timed(f"QDQ {dst.name}", qdq.build_qdq, src, dst, e["graph"], params, acts)
-            doc = encodings.render([acts[t] for t in sorted(acts)], [params[n].encoding for n in sorted(params)],
-                                   p["encodings_version"], quantizer_args)
+            timed(f"QDQ {dst.name}", qdq.build_qdq, graph_file(e["dir"]), dst, e["graph"], params, acts)
             encodings.write(ctx.out / f"{e['graph']}.encodings.json", doc)
             graphs.append({"graph": e["graph"], "ar": e["ar"], "qdq": dst.name, "encodings": f"{e['graph']}.encodings.json",
                            "export_check": {k: e[k] for k in ("tokens", "max_abs_logit_diff", "top1_agreement")}})
