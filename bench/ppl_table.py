@@ -1,6 +1,6 @@
 """Quantization accuracy table on the real SmolLM2 (issue 4): perplexity on held-out text for
-float and for W8A16 / W4A16 per-channel / W4A16 blocks of 64 (+ KV8, float16 outliers), each
-with RTN, SeqMSE and GPTQ — through the quantize stage's own code (pipeline/quant/flow.py):
+float and for W8A16 / W4A16 per-channel / W4A16 blocks of 128 and of 64 (+ KV8, float16
+outliers), each with RTN, SeqMSE and GPTQ — through the quantize stage's own code (pipeline/quant/flow.py):
 the same weight PTQ, the same calibrated sim of the AR-128 graph, the same evaluation.
 
 Not a speed benchmark: it prints a markdown table. Needs the recipe's model, text and
@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 SCHEMES = {  # name -> (scheme file, weight overrides)
     "W8A16 per-channel + KV8": ("w8a16_kv8", {}),
     "W4A16 per-channel + KV8": ("w4a16_kv8", {"granularity": "per-channel", "block_size": None}),
+    "W4A16 blocks of 128 + KV8": ("w4a16_kv8", {"block_size": 128}),
     "W4A16 blocks of 64 + KV8": ("w4a16_kv8", {}),
 }
 
@@ -42,6 +43,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="smollm2_135m_sm8750")
     ap.add_argument("--algorithms", default="rtn,seqmse,gptq")
+    ap.add_argument("--schemes", default=",".join(SCHEMES), help="comma-separated labels from SCHEMES")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where SeqMSE/GPTQ run")
     args = ap.parse_args()
     recipe = load_recipe(args.recipe)
     ws = recipe.settings.artifacts / args.recipe
@@ -50,8 +53,10 @@ def main() -> None:
     ar = max(recipe.spec.ar_lengths)
     tokenizer = AutoTokenizer.from_pretrained(ws / "model")
     eval_ids = tokenizer((ws / "text" / "evaluation.txt").read_text(), add_special_tokens=False)["input_ids"]
-    prompts = [b[:context] for b in calibration_batches(tokenizer, (ws / "text" / "calibration.txt").read_text(),
-                                                        p["calibration_samples"], p["calibration_tokens"])]
+    weight_prompts = [b[:context] for b in calibration_batches(
+        tokenizer, (ws / "text" / "calibration.txt").read_text(),
+        max(p["calibration_samples"], p["weight_calibration_samples"]), p["calibration_tokens"])]
+    prompts, weight_prompts = weight_prompts[:p["calibration_samples"]], weight_prompts[:p["weight_calibration_samples"]]
     shapes = {i.name: tuple(i.dims) for i in
               qdq.load_structure(graph_file(ws / f"export.onnx@ar{ar}")).graph.initializer}
 
@@ -65,7 +70,8 @@ def main() -> None:
     base = ppl(hf, torch_step(AdaptedLlama(hf).eval()))
     print(f"float: {base:.4f}", flush=True)
     rows = [("float", "—", base, 0.0)]
-    for label, (scheme_name, weights) in SCHEMES.items():
+    for label in args.schemes.split(","):
+        scheme_name, weights = SCHEMES[label]
         spec = SchemeSpec(name=scheme_name, **yaml.safe_load((recipe.settings.recipes_dir / "schemes" /
                                                               f"{scheme_name}.yaml").read_text()))
         scheme = scheme_params(spec)
@@ -74,14 +80,14 @@ def main() -> None:
         for algorithm in args.algorithms.split(","):
             t0 = time.monotonic()
             hf = load()
-            _, params, seconds = quantize_model(hf, scheme, algorithm, prompts, shapes, "cpu", p["seqmse_rows"])
+            _, params, seconds = quantize_model(hf, scheme, algorithm, weight_prompts, shapes, args.device)
             value = ppl(hf, calibrated_sim(hf, params, scheme, prompts, ar, context).step())
             rows.append((label, algorithm, value, seconds))
             print(f"{label} {algorithm}: {value:.4f} ({100 * (value / base - 1):+.2f}%), weights {seconds:.0f}s, "
                   f"total {time.monotonic() - t0:.0f}s", flush=True)
     print(f"\nPerplexity, {args.recipe}: {context * p['eval_windows']} held-out tokens, AR-{ar} graph step by step "
           f"(torch sim: weights, activations, KV)\n")
-    print("| scheme | algorithm | PPL | Δ vs float | weight PTQ (s, CPU) |\n|---|---|---:|---:|---:|")
+    print(f"| scheme | algorithm | PPL | Δ vs float | weight PTQ (s, {args.device}) |\n|---|---|---:|---:|---:|")
     for label, algorithm, value, seconds in rows:
         delta = "—" if label == "float" else f"{100 * (value / base - 1):+.2f}%"
         print(f"| {label} | {algorithm} | {value:.4f} | {delta} | {seconds:.0f} |")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.quant.algorithms import RATIOS, gptq, mse, rtn, seqmse
+from pipeline.quant.algorithms import RATIOS, gptq, hessian, mse, rtn, seqmse
 from pipeline.quant.grid import Grid, quantize, scale_zero
 
 GRIDS = [Grid(4, "per-channel"), Grid(4, "per-block", 8), Grid(8, "per-tensor"), Grid(4, "per-channel", symmetric=False)]
@@ -22,7 +22,7 @@ def test_weights_on_the_grid_are_reproduced_exactly(grid):
     scale, zero = scale_zero(g, grid)
     on_grid = ((quantize(g, scale, zero, grid) - zero) * scale).reshape(w.shape)  # already representable
     x = torch.randn(32, 16)
-    for algo in (lambda v: rtn(v, grid), lambda v: mse(v, grid), lambda v: seqmse(v, grid, x), lambda v: gptq(v, grid, x)):
+    for algo in (lambda v: rtn(v, grid), lambda v: mse(v, grid), lambda v: seqmse(v, grid, hessian(x)), lambda v: gptq(v, grid, hessian(x))):
         assert torch.allclose(algo(on_grid)[0], on_grid, atol=1e-5)
 
 
@@ -54,7 +54,7 @@ def test_seqmse_ignores_an_input_that_is_never_active():
     x = torch.randn(256, 64)
     x[:, 5] = 0.0          # ...which never carries signal: the optimum clips it away
     grid = Grid(4)
-    e_rtn, e_mse, e_seq = (out_err(w, a[0], x) for a in (rtn(w, grid), mse(w, grid), seqmse(w, grid, x, RATIOS)))
+    e_rtn, e_mse, e_seq = (out_err(w, a[0], x) for a in (rtn(w, grid), mse(w, grid), seqmse(w, grid, hessian(x), RATIOS)))
     ideal = w.clone()
     ideal[:, 5] = 0.0  # the known optimum: quantize as if input 5 did not exist
     e_opt = out_err(w, rtn(ideal, grid)[0], x)
@@ -67,7 +67,7 @@ def test_gptq_equals_rtn_when_inputs_are_uncorrelated():
     w = torch.randn(8, 32)
     x = torch.eye(32) * 3.0  # H diagonal: no error can be moved to other columns
     grid = Grid(4, "per-block", 8)
-    assert torch.allclose(gptq(w, grid, x, damp=0.0)[0], rtn(w, grid)[0], atol=1e-6)
+    assert torch.allclose(gptq(w, grid, hessian(x), damp=0.0)[0], rtn(w, grid)[0], atol=1e-6)
 
 
 def test_gptq_compensates_through_correlated_inputs():
@@ -76,7 +76,7 @@ def test_gptq_compensates_through_correlated_inputs():
     x = torch.cat([base, base + 0.01 * torch.randn(512, 16)], dim=1)  # every input has a near twin
     w = torch.randn(8, 32)
     grid = Grid(3, "per-channel")
-    e_rtn, e_gptq = out_err(w, rtn(w, grid)[0], x), out_err(w, gptq(w, grid, x)[0], x)
+    e_rtn, e_gptq = out_err(w, rtn(w, grid)[0], x), out_err(w, gptq(w, grid, hessian(x))[0], x)
     # the first 16 columns' errors move onto their twins, the last 16 have nowhere to go:
     # about half of RTN's error remains
     assert e_gptq < 0.6 * e_rtn

@@ -5,8 +5,10 @@ returns (fake-quantized W, scale, zero point) on `grid`.
 - mse:    per-group range shrink factor minimizing the weight's squared error.
 - seqmse: per-group shrink factor minimizing the layer *output* error on calibration
           inputs X [n, in] (SeqMSE, as in AIMET: ranges judged by what the layer computes).
-- gptq:   GPTQ (Frantar et al. 2022): quantize columns in order and spread each column's
+- gptq:   GPTQ (Frantar et al. 2022): quantize columns one by one and spread each column's
           error over the not-yet-quantized columns through the inverse Hessian H = 2 XᵀX.
+Both calibrated ones see the inputs only through H = XᵀX (`hessian`), accumulated over
+any number of calibration tokens.
 """
 from __future__ import annotations
 
@@ -45,35 +47,52 @@ def mse(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.
     return _search(w, grid, lambda gq: ((gq - g) ** 2).sum(-1))
 
 
-def seqmse(w: torch.Tensor, grid: Grid, x: torch.Tensor,
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """XᵀX of calibration inputs X [n, in]: all SeqMSE and GPTQ need to know about them."""
+    x = x.double()
+    return x.T @ x
+
+
+def seqmse(w: torch.Tensor, grid: Grid, h: torch.Tensor,
            ratios: torch.Tensor = SEQMSE_RATIOS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Ranges chosen per group by the output error ||X Wᵀ - X Wqᵀ||² restricted to that group's inputs."""
+    """Ranges chosen per group by the output error ||X Wᵀ - X Wqᵀ||² restricted to that group's inputs:
+    for output o and group k that is Δ_ok H_kk Δ_okᵀ with H = XᵀX, so any number of calibration
+    rows costs the same."""
     g = grid.groups(w)
+    h = h.to(w.dtype)
     if grid.granularity == "per-tensor":
-        return _search(w, grid, lambda gq: (((gq - g).reshape(w.shape) @ x.T) ** 2).sum().reshape(1, 1), ratios)
+        def total_error(gq: torch.Tensor) -> torch.Tensor:
+            d = (gq - g).reshape(w.shape)
+            return ((d @ h) * d).sum().reshape(1, 1)
+        return _search(w, grid, total_error, ratios)
     n_groups, size = g.shape[1], g.shape[2]
-    xg = x.reshape(x.shape[0], n_groups, size)  # each group's slice of the inputs
+    blocks = torch.stack([h[k * size:(k + 1) * size, k * size:(k + 1) * size] for k in range(n_groups)])
 
     def output_error(gq: torch.Tensor) -> torch.Tensor:
-        # error of output channel o from group k: sum_n (X[n, k, :] · (gq - g)[o, k, :])²
-        return torch.einsum("nks,oks->okn", xg, gq - g).pow(2).sum(-1)
+        d = gq - g
+        return (torch.einsum("oks,kst->okt", d, blocks) * d).sum(-1)
 
     return _search(w, grid, output_error, ratios)
 
 
-def gptq(w: torch.Tensor, grid: Grid, x: torch.Tensor, damp: float = 0.01,
-         block: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GPTQ with min-max group ranges fixed up front from W (so they match an exported encoding)."""
+def gptq(w: torch.Tensor, grid: Grid, h: torch.Tensor, ranges: tuple[torch.Tensor, torch.Tensor] | None = None,
+         damp: float = 0.01, block: int = 128, act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ with group ranges fixed up front (`ranges` = (scale, zero) per group, min-max of W when
+    None) so they match an exported encoding ("static groups"), columns visited in decreasing
+    H_jj order (act-order: the most active inputs first, while most columns can still absorb
+    their error)."""
     w = w.clone().double()
     out, inp = w.shape
     g = grid.groups(w)
-    scale, zero = scale_zero(g, grid)
+    scale, zero = ranges if ranges is not None else scale_zero(g, grid)
     col_scale, col_zero = (t.expand(g.shape).reshape(w.shape) for t in (scale, zero))  # per weight
-    h = 2 * x.double().T @ x.double()
+    h = h.clone().double()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     h += damp * torch.diag(h).mean() * torch.eye(inp, dtype=h.dtype, device=h.device)
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(inp, device=h.device)
+    w, h, col_scale, col_zero = w[:, order], h[order][:, order], col_scale[:, order], col_zero[:, order]
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(w)
     for i0 in range(0, inp, block):
@@ -88,4 +107,5 @@ def gptq(w: torch.Tensor, grid: Grid, x: torch.Tensor, damp: float = 0.01,
             w_blk[:, j:] -= err[:, None] * hinv_blk[j, j:][None, :]
             err_blk[:, j] = err
         w[:, i1:] -= err_blk @ hinv[i0:i1, i1:]
-    return q.float().reshape(out, inp), scale.float(), zero.float()
+    q = q[:, torch.argsort(order)]
+    return q.float(), scale.float(), zero.float()

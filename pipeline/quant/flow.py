@@ -10,7 +10,7 @@ import torch
 
 from ..adapted_llama import AdaptedLlama, hf_names, run_steps
 from . import qdq
-from .model import capture_inputs, onnx_params, quantize_weights
+from .model import onnx_params, quantize_weights
 from .sim import QuantSim
 
 
@@ -19,14 +19,12 @@ def pick_device(choice: str) -> str:
 
 
 def quantize_model(hf: torch.nn.Module, scheme: dict[str, Any], algorithm: str, prompts: list[list[int]],
-                   shapes: dict[str, tuple[int, ...]], device: str, seqmse_rows: int
+                   shapes: dict[str, tuple[int, ...]], device: str
                    ) -> tuple[list[dict[str, Any]], dict[str, qdq.QuantParam], float]:
-    """Quantize `hf`'s weights in place; return (report rows, QuantParams by ONNX name, seconds)."""
+    """Quantize `hf`'s weights in place, calibrated on `prompts`; return (report rows, QuantParams
+    by ONNX name, seconds)."""
     t0 = time.monotonic()
-    inputs = {}
-    if algorithm in ("seqmse", "gptq"):
-        inputs = {k: v.to(device) for k, v in capture_inputs(hf, [torch.tensor([b]) for b in prompts]).items()}
-    rows = quantize_weights(hf, scheme, algorithm, inputs, device, seqmse_rows)
+    rows = quantize_weights(hf, scheme, algorithm, [torch.tensor([b]) for b in prompts], device)
     params = onnx_params(hf, scheme, rows, hf_names(hf.config.num_hidden_layers), shapes)
     return rows, params, time.monotonic() - t0
 

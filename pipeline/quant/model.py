@@ -2,7 +2,8 @@
 
 Which weights: every Linear of the decoder layers and the LM head (tied embeddings are
 quantized with it). Their grid comes from the scheme, the first matching override
-first; the algorithm (rtn / mse / seqmse / gptq) from the scheme.
+first; the algorithm (rtn / mse / seqmse / gptq) from the scheme. The calibrated ones
+(seqmse, gptq) see each Linear's inputs as H = XᵀX accumulated over every calibration token.
 """
 from __future__ import annotations
 
@@ -43,25 +44,69 @@ def quantizable(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear]]
             yield name, module
 
 
-def capture_inputs(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inputs seen by each quantizable Linear on the calibration batches, one row per token."""
-    seen: dict[str, list[torch.Tensor]] = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: seen.setdefault(n, []).append(args[0].reshape(-1, args[0].shape[-1]).detach()))
-             for n, m in quantizable(model)]
+class _Reached(Exception):
+    """Stops a forward pass once decoder layer 0's inputs are captured."""
+
+
+def _to(obj: Any, device: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def layer0_inputs(model: torch.nn.Module, batches: list[torch.Tensor], device: str) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """(hidden states, keyword arguments: RoPE cos/sin, mask, positions) entering decoder layer 0, per batch."""
+    seen: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def grab(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        seen.append(_to((hidden, kwargs), device))
+        raise _Reached
+
+    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
             for ids in batches:
-                model(ids)
+                try:
+                    model(ids, use_cache=False)
+                except _Reached:
+                    pass
     finally:
-        for h in hooks:
-            h.remove()
-    return {name: torch.cat(chunks) for name, chunks in seen.items()}
+        handle.remove()
+    return seen
 
 
-def sample_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """A fixed random sample of at most `rows` rows."""
-    gen = torch.Generator().manual_seed(0)
-    return x[torch.randperm(x.shape[0], generator=gen)[:rows].to(x.device)] if x.shape[0] > rows else x
+class HessianTap:
+    """While active, accumulates H = XᵀX (float64) of the inputs each of `modules` sees; an input
+    shared by several (q/k/v, gate/up) is multiplied out once."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module]) -> None:
+        self.modules = modules
+        self.h: dict[str, torch.Tensor] = {}
+        self._last: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+
+    def _hook(self, name: str):
+        def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            x = args[0]
+            if self._last[0] is not x:
+                flat = x.reshape(-1, x.shape[-1]).float()
+                self._last = (x, (flat.T @ flat).double())
+            self.h[name] = self.h[name] + self._last[1] if name in self.h else self._last[1].clone()
+        return hook
+
+    def __enter__(self) -> "HessianTap":
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._last = (None, None)
 
 
 def sqnr_db(w: torch.Tensor, wq: torch.Tensor) -> float:
@@ -69,34 +114,66 @@ def sqnr_db(w: torch.Tensor, wq: torch.Tensor) -> float:
     return float("inf") if noise == 0 else 10 * math.log10(w.pow(2).sum().item() / noise)
 
 
+def _quantize_one(name: str, module: torch.nn.Linear, grid: Grid, algorithm: str, h: torch.Tensor | None,
+                  device: str) -> dict[str, Any]:
+    w = module.weight.data.float().to(device)
+    if algorithm == "gptq":  # ranges by SeqMSE's output-error search, rounding by GPTQ
+        _, scale, zero = algorithms.seqmse(w, grid, h)
+        wq, scale, zero = algorithms.gptq(w, grid, h, (scale, zero))
+    elif algorithm == "seqmse":
+        wq, scale, zero = algorithms.seqmse(w, grid, h)
+    elif algorithm == "mse":
+        wq, scale, zero = algorithms.mse(w, grid)
+    else:
+        wq, scale, zero = algorithms.rtn(w, grid)
+    module.weight.data = wq.to(module.weight.device, module.weight.dtype)
+    w, wq, scale, zero = w.cpu(), wq.cpu(), scale.cpu(), zero.cpu()
+    return {"name": f"{name}.weight", "bits": grid.bits, "granularity": grid.granularity,
+            "block_size": grid.block_size, "symmetric": grid.symmetric, "sqnr_db": round(sqnr_db(w, wq), 3),
+            "grid": grid, "scale": scale, "zero": zero}
+
+
 def quantize_weights(model: torch.nn.Module, scheme: dict[str, Any], algorithm: str,
-                     inputs: dict[str, torch.Tensor], device: str = "cpu", seqmse_rows: int = 1024) -> list[dict[str, Any]]:
+                     batches: list[torch.Tensor], device: str = "cpu") -> list[dict[str, Any]]:
     """Replace weights by their fake-quantized values in place; return one report row per weight.
-    The algorithm runs on `device` (calibration inputs are expected there already). GPTQ uses
-    every calibration row (its Hessian needs far more rows than input channels: 256 rows made it
-    worse than round-to-nearest on SmolLM2); SeqMSE, whose cost grows with rows, a sample."""
-    rows = []
+
+    SeqMSE and GPTQ go sequentially, as in the GPTQ paper and AIMET's SeqMSE: decoder layer i is
+    calibrated on what the already-quantized layers 0..i-1 hand it, so each layer also corrects
+    the error upstream of it; the LM head last, on the quantized model's final hidden states.
+    Layers are moved to `device` one at a time."""
     done: set[int] = set()
+    todo: dict[str, tuple[torch.nn.Linear, Grid]] = {}
     for name, module in quantizable(model):
         grid = grid_for(name, scheme)
-        if grid is None or id(module.weight) in done:
-            continue
-        done.add(id(module.weight))
-        w = module.weight.data.float().to(device)
-        if algorithm == "gptq":
-            wq, scale, zero = algorithms.gptq(w, grid, inputs[name].float())
-        elif algorithm == "seqmse":
-            wq, scale, zero = algorithms.seqmse(w, grid, sample_rows(inputs[name], seqmse_rows).float())
-        elif algorithm == "mse":
-            wq, scale, zero = algorithms.mse(w, grid)
-        else:
-            wq, scale, zero = algorithms.rtn(w, grid)
-        w, wq, scale, zero = w.cpu(), wq.cpu(), scale.cpu(), zero.cpu()
-        module.weight.data = wq.to(module.weight.dtype)
-        rows.append({"name": f"{name}.weight", "bits": grid.bits, "granularity": grid.granularity,
-                     "block_size": grid.block_size, "symmetric": grid.symmetric, "sqnr_db": round(sqnr_db(w, wq), 3),
-                     "grid": grid, "scale": scale, "zero": zero})
+        if grid is not None and id(module.weight) not in done:
+            done.add(id(module.weight))
+            todo[name] = (module, grid)
+    if algorithm not in ("seqmse", "gptq"):
+        return [_quantize_one(n, m, g, algorithm, None, device) for n, (m, g) in todo.items()]
+
+    rows = []
+    states = layer0_inputs(model, batches, device)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            mine = {n: todo[n] for n in todo if n.startswith(f"model.layers.{i}.")}
+            layer.to(device)
+            with HessianTap({n: m for n, (m, _) in mine.items()}) as tap:
+                for hidden, kwargs in states:
+                    layer(hidden, **kwargs)
+            rows += [_quantize_one(n, m, g, algorithm, tap.h[n], device) for n, (m, g) in mine.items()]
+            states = [(_first(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
+            layer.to("cpu")
+        heads = {n: v for n, v in todo.items() if not n.startswith("model.layers.")}
+        if heads:  # the LM head's input: the final norm of the last layer's output
+            norm = model.model.norm.to(device)
+            h = sum(algorithms.hessian(norm(hidden).reshape(-1, hidden.shape[-1])) for hidden, _ in states)
+            norm.to("cpu")
+            rows += [_quantize_one(n, m, g, algorithm, h, device) for n, (m, g) in heads.items()]
     return rows
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
 
 
 def quant_param(name: str, w: torch.Tensor, grid: Grid, scale: torch.Tensor, zero: torch.Tensor,

@@ -33,9 +33,9 @@ if TYPE_CHECKING:
 
 class QuantizeParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    calibration_samples: int = Field(8, ge=1, description="Chat-formatted calibration prompts.")
+    calibration_samples: int = Field(8, ge=1, description="Chat-formatted calibration prompts for the activation and KV ranges (run through the AR graph step by step).")
+    weight_calibration_samples: int = Field(64, ge=1, description="Calibration prompts SeqMSE/GPTQ see (layer by layer; the first `calibration_samples` of them are the activation prompts).")
     calibration_tokens: int = Field(128, ge=8, description="Text tokens per calibration prompt (and as many answering).")
-    seqmse_rows: int = Field(1024, ge=16, description="Token rows per layer SeqMSE scores candidates on (GPTQ uses all).")
     eval_windows: int = Field(8, ge=1, description="Non-overlapping windows of context_length tokens of evaluation text scored.")
     encodings_version: Literal["1.0.0", "0.6.1"] = Field("1.0.0", description="AIMET encodings file version.")
     max_qdq_sim_gap_pct: float = Field(1.0, gt=0, description="Fail when the QDQ ONNX's PPL differs more than this from the torch sim's.")
@@ -79,7 +79,7 @@ class Quantize(Stage):
     """PTQ: QDQ ONNX + AIMET encodings per AR graph, PPL float / sim / QDQ."""
 
     name = "quantize"
-    version = 2
+    version = 3
     Params = QuantizeParams
     tools = ("python", "torch", "transformers", "onnx", "onnxruntime", "numpy")
     resource = "heavy"
@@ -125,9 +125,11 @@ class Quantize(Stage):
         hf = AutoModelForCausalLM.from_pretrained(ctx.inputs["model"], dtype=torch.float32).eval()
         names_in, names_out = io_names(hf.config.num_hidden_layers)
         eval_ids = tokenizer((ctx.inputs["text"] / "evaluation.txt").read_text(), add_special_tokens=False)["input_ids"]
-        prompts = [b[:context] for b in calibration_batches(
-            tokenizer, (ctx.inputs["text"] / "calibration.txt").read_text(), p["calibration_samples"],
-            p["calibration_tokens"])]
+        weight_prompts = [b[:context] for b in calibration_batches(
+            tokenizer, (ctx.inputs["text"] / "calibration.txt").read_text(),
+            max(p["calibration_samples"], p["weight_calibration_samples"]), p["calibration_tokens"])]
+        prompts = weight_prompts[:p["calibration_samples"]]
+        weight_prompts = weight_prompts[:p["weight_calibration_samples"]]
         if not prompts:
             raise KilnError(f"quantize: the calibration text is shorter than {2 * p['calibration_tokens']} tokens")
         if len(eval_ids) < context:
@@ -151,9 +153,10 @@ class Quantize(Stage):
         float_onnx = graph_file(main["dir"])
         structure = qdq.load_structure(float_onnx)
         shapes = {i.name: tuple(i.dims) for i in structure.graph.initializer}
-        rows, params, weight_seconds = quantize_model(hf, scheme, algorithm, prompts, shapes, device, p["seqmse_rows"])
-        ctx.log.info(f"weights: {algorithm} on {device}, {len(rows)} projections + {len(params) - len(rows)} other "
-                     f"params ({weight_seconds:.1f}s)")
+        rows, params, weight_seconds = quantize_model(hf, scheme, algorithm, weight_prompts, shapes, device)
+        ctx.log.info(f"weights: {algorithm} on {device} ({len(weight_prompts)} prompts, "
+                     f"{sum(map(len, weight_prompts))} tokens), {len(rows)} projections + {len(params) - len(rows)} "
+                     f"other params ({weight_seconds:.1f}s)")
         sim = calibrated_sim(hf, params, scheme, prompts, ar, context)
         ppl_sim = timed("torch sim PPL", ppl, sim.step())
         act_bits, ratio = scheme["activations"], float16_ratio(scheme)
@@ -193,6 +196,7 @@ class Quantize(Stage):
         ppl_qdq = timed("QDQ ONNX PPL (onnxruntime)", ppl, ort_step(session, names_in, names_out))
         gap = 100 * (ppl_qdq / ppl_sim - 1)
         report = {"algorithm": algorithm, "device": device, "weight_seconds": round(weight_seconds, 2),
+                  "weight_calibration_tokens": sum(map(len, weight_prompts)),
                   "ppl_float": ppl_float, "ppl_sim": ppl_sim, "ppl_qdq": ppl_qdq,
                   "delta_sim_pct": 100 * (ppl_sim / ppl_float - 1), "delta_qdq_pct": 100 * (ppl_qdq / ppl_float - 1),
                   "qdq_vs_sim_pct": gap, "eval_tokens": context * min(p["eval_windows"], len(eval_ids) // context),
