@@ -11,6 +11,9 @@ VENV=.venv
 # torch first, pinned: PyPI's default Linux torch is a multi-GB CUDA build;
 # 2.13.0 resolves to the CPU wheel here, and pyproject's range accepts it.
 TORCH_REQ="torch==2.13.0"
+# aimet-onnx (the quantize stage's `engine: aimet`) without its dependencies: pyproject's `aimet`
+# extra lists them, less onnx2torch/torchvision (see there).
+AIMET_REQ="aimet-onnx==2.42.0"
 # System packages Kiln's stages call: the aarch64 cross toolchain, qemu-user
 # (runs aarch64 binaries here), ccache (warm llama.cpp rebuilds), cmake, and
 # bible-kjv (public-domain KJV text for calibration/evaluation).
@@ -43,10 +46,12 @@ else
   mapfile -t deps < <("$VENV/bin/python" - <<'PY'
 import tomllib
 p = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print("\n".join(p["dependencies"] + p["optional-dependencies"]["test"]))
+extra = p["optional-dependencies"]
+print("\n".join(p["dependencies"] + extra["test"] + extra["aimet"]))
 PY
 )
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_REQ" "${deps[@]}"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$AIMET_REQ"
   echo "$want" > "$stamp"
 fi
 

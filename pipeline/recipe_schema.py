@@ -157,6 +157,10 @@ class SchemeSpec(Strict):
     algorithm: Literal["none", "rtn", "mse", "seqmse", "gptq", "smoothquant", "adaround"] = Field(
         "none", description="PTQ algorithm."
     )
+    engine: Literal["kiln", "aimet"] = Field(
+        "kiln", description="Quantize stage engine: `kiln` (its own PTQ in torch, every algorithm) or `aimet` "
+        "(aimet-onnx's QuantizationSimModel on the float graph; algorithms rtn and seqmse; `bash setup.sh` installs it)."
+    )
     gguf_types: list[GgufType] = Field(
         default_factory=list,
         description="llama.cpp quant types to produce, one variant each; the first is the bundle's default.",

@@ -79,6 +79,6 @@ def test_qdq_sim_gap_above_tolerance_fails_and_publishes_nothing(tiny_project):
         "use: w4a16_kv8", "use: w8a16_kv8"))
     proc = tiny_project.doit("recipe=tq", "tq:quantize", check=False)
     assert proc.returncode != 0
-    assert re.search(r"quantize: the QDQ ONNX \(PPL [\d.]+\) and the torch sim \(PPL [\d.]+\) differ by [-+][\d.]+%, "
+    assert re.search(r"quantize: the QDQ ONNX \(PPL [\d.]+\) and the kiln sim \(PPL [\d.]+\) differ by [-+][\d.]+%, "
                      r"more than max_qdq_sim_gap_pct 1e-06", proc.stdout + proc.stderr)
     assert not (tiny_project.artifacts / "tq" / "quantize").exists()

@@ -200,3 +200,43 @@ def validate(doc: dict[str, Any], where: str) -> str:
 def write(path: Path, doc: dict[str, Any]) -> None:
     validate(doc, str(path))
     path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def parse_v1(doc: dict[str, Any], where: str) -> tuple[dict[str, Encoding], dict[str, Encoding]]:
+    """Activation and param encodings of a 1.0.0 document (validated first), by tensor name."""
+    if validate(doc, where) != "1.0.0":
+        raise KilnError(f"{where}: version: Kiln reads encodings 1.0.0 back, not {doc['version']}")
+
+    def one(e: dict[str, Any]) -> Encoding:
+        if e["dtype"] == "FLOAT":
+            return float16(e["name"])
+        if e["enc_type"] == "LPBQ":
+            raise KilnError(f"{where}: {e['name']}: LPBQ encodings are not supported by Kiln's QDQ builder")
+        return Encoding(e["name"], e["bw"], e["is_sym"], tuple(float(s) for s in e["scale"]),
+                        tuple(int(o) for o in e["offset"]), e.get("block_size"))
+
+    return ({e["name"]: one(e) for e in doc["activation_encodings"]},
+            {e["name"]: one(e) for e in doc["param_encodings"]})
+
+
+def check_device_rules(activations: dict[str, Encoding], params: dict[str, Encoding], kv_bits: int,
+                       conv_weights: set[str], where: str) -> None:
+    """What HTP and Genie need of the encodings, whichever engine made them (FACTS.md):
+    every past_*_in/_out pair has one encoding of `kv_bits` (Genie copies KV bytes raw), int8
+    Conv weights are symmetric, int4 weights are per-channel or per-block (never per-tensor)."""
+    problems = []
+    for name in sorted(n for n in activations if n.startswith("past_") and n.endswith("_in")):
+        pair = name[:-3] + "_out"
+        e, f = activations[name], activations.get(pair)
+        if f is None or (e.bits, e.symmetric, e.scale, e.offset) != (f.bits, f.symmetric, f.scale, f.offset):
+            problems.append(f"{name} and {pair} must share one encoding")
+        elif kv_bits < 32 and e.bits != kv_bits:
+            problems.append(f"{name}: {e.bits}-bit, the scheme's kv_cache is {kv_bits}-bit")
+    for name in sorted(conv_weights & set(params)):
+        e = params[name]
+        if e.bits == 8 and not e.symmetric:
+            problems.append(f"{name}: int8 weights must be symmetric on HTP")
+        if e.bits == 4 and e.enc_type == "PER_TENSOR":
+            problems.append(f"{name}: int4 weights must be per-channel or per-block on HTP")
+    if problems:
+        raise KilnError(f"{where}: {len(problems)} encoding(s) the device would reject: " + "; ".join(problems[:5]))

@@ -63,6 +63,11 @@ def load_structure(path: Path) -> onnx.ModelProto:
     return model
 
 
+def conv_weights(model: onnx.ModelProto) -> set[str]:
+    """Initializers that are Conv weights (the projections of the adapted graph)."""
+    return {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+
+
 def load_weights(model: onnx.ModelProto, base: Path) -> None:
     """Read external weight data into `model`. onnx's own loader refuses files with several hard
     links, and store entries are hard-linked into workspaces, hence this reader; a location must

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,6 +28,9 @@ from ..stage import Stage, StageContext
 from .export_onnx import ExportOnnx
 
 if TYPE_CHECKING:
+    from ..adapted_llama import Step
+    from ..quant.encodings import Encoding
+    from ..quant.qdq import QuantParam
     from ..recipe import Recipe
     from ..recipe_schema import SchemeSpec
 
@@ -66,7 +70,7 @@ def calibration_batches(tokenizer: Any, text: str, samples: int, tokens: int) ->
 
 def scheme_params(s: "SchemeSpec") -> dict[str, Any]:
     """What of a scheme the quantize stage reads (its part of the stage key)."""
-    return {"weights": s.weights.model_dump(mode="json"), "activations": s.activations.bits,
+    return {"engine": s.engine, "weights": s.weights.model_dump(mode="json"), "activations": s.activations.bits,
             "float16_outlier_ratio": s.activations.float16_outlier_ratio, "kv_cache": s.kv_cache.bits,
             "overrides": [o.model_dump(mode="json") for o in s.overrides]}
 
@@ -89,6 +93,10 @@ class Quantize(Stage):
         return recipe.target.runtime == "genie"
 
     @classmethod
+    def tool_names(cls, recipe: "Recipe", variant: str = "") -> tuple[str, ...]:
+        return cls.tools + (("aimet-onnx",) if recipe.scheme.engine == "aimet" else ())
+
+    @classmethod
     def inputs(cls, recipe: "Recipe", variant: str = "") -> list[str]:
         return ["model", "text"] + [f"{ExportOnnx.name}@{v}" for v in ExportOnnx.variants(recipe)]
 
@@ -99,6 +107,16 @@ class Quantize(Stage):
         if any(o.activations for o in s.overrides):
             raise KilnError(f"{recipe.where('scheme')}: scheme {s.name!r}: overrides[].activations is not supported by "
                             "the quantize stage; use activations.float16_outlier_ratio for mixed precision")
+        if s.engine == "aimet":
+            from ..quant.aimet_engine import ALGORITHMS
+            algorithm = "rtn" if s.algorithm == "none" else s.algorithm
+            problem = (f"algorithm {algorithm!r} (the aimet engine runs {', '.join(ALGORITHMS)})"
+                       if algorithm not in ALGORITHMS else
+                       "activations.float16_outlier_ratio (Kiln's mixed precision)" if s.activations.float16_outlier_ratio
+                       else f"activations.bits {s.activations.bits} (8 or 16)" if s.activations.bits not in (8, 16)
+                       else None)
+            if problem:
+                raise KilnError(f"{recipe.where('scheme')}: scheme.engine: aimet (scheme {s.name!r}) does not support {problem}")
         blocked = [w for w in [s.weights] + [o.weights for o in s.overrides if o.weights] if w.granularity == "per-block"]
         if own["encodings_version"] == "0.6.1" and blocked:
             raise KilnError(f"{recipe.where('stages', 'quantize', 'encodings_version')}: stages.quantize.encodings_version: "
@@ -110,10 +128,9 @@ class Quantize(Stage):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..adapted_llama import AdaptedLlama, ar_perplexity, io_names, run_steps, torch_step
+        from ..adapted_llama import AdaptedLlama, ar_perplexity, io_names, torch_step
         from ..onnx_check import ort_session, ort_step
         from ..quant import encodings, qdq
-        from ..quant.flow import calibrated_sim, float16_ratio, pick_device, quantize_model
 
         p, scheme = ctx.params, ctx.params["scheme"]
         context = p["context_length"]
@@ -146,37 +163,17 @@ class Quantize(Stage):
             return ar_perplexity(step, hf, eval_ids, ar, context, p["eval_windows"])
 
         ppl_float = timed("float PPL", ppl, torch_step(AdaptedLlama(hf).eval()))
-
-        # 1. weights, 2. the sim
         algorithm = "rtn" if p["algorithm"] in ("none", "rtn") else p["algorithm"]
-        device = pick_device(p["device"])
         float_onnx = graph_file(main["dir"])
         structure = qdq.load_structure(float_onnx)
-        shapes = {i.name: tuple(i.dims) for i in structure.graph.initializer}
-        rows, params, weight_seconds = quantize_model(hf, scheme, algorithm, weight_prompts, shapes, device)
-        ctx.log.info(f"weights: {algorithm} on {device} ({len(weight_prompts)} prompts, "
-                     f"{sum(map(len, weight_prompts))} tokens), {len(rows)} projections + {len(params) - len(rows)} "
-                     f"other params ({weight_seconds:.1f}s)")
-        sim = calibrated_sim(hf, params, scheme, prompts, ar, context)
-        ppl_sim = timed("torch sim PPL", ppl, sim.step())
-        act_bits, ratio = scheme["activations"], float16_ratio(scheme)
 
-        # 3. activation statistics on the weight-quantized graph (as the sim's), then QDQ + encodings
-        tensors = [t for t in qdq.activation_tensors(structure) if not t.startswith("past_")]
-        acts: dict[str, Any] = {}
-        if act_bits < 32:
-            weights_only = ctx.out.parent / "weights_only" / float_onnx.name
-            weights_only.parent.mkdir()
-            qdq.build_qdq(float_onnx, weights_only, main["graph"], params, {})
-            stats = qdq.calibrate_ranges(weights_only, tensors, names_in, names_out,
-                                         lambda step: [run_steps(step, hf, b, ar, context) for b in prompts],
-                                         ctx.out.parent / "calibration")
-            acts = {t: o.encoding(t, act_bits, ratio) for t, o in stats.items()}
-        acts.update(sim.kv_encodings())  # past_*_in/_out: the sim's shared KV encodings
-        float16 = sum(e.is_float for e in acts.values())
-        if float16:
-            ctx.log.info(f"float16 (max |x| > {ratio:g} × mean |x|): {float16} of {len(acts)} activation "
-                         f"tensors in the graph, {100 * sim.float16_share():.1f}% of the sim's")
+        cal = Calibration(hf, prompts, weight_prompts, ar, context, names_in, names_out)
+        engine = _aimet_engine if scheme["engine"] == "aimet" else _kiln_engine
+        params, acts, sim_step, rows, extra = engine(ctx, cal, float_onnx, structure, algorithm)
+        ppl_sim = timed(f"{scheme['engine']} sim PPL", ppl, sim_step)
+        act_bits = scheme["activations"]
+        encodings.check_device_rules(acts, {n: q.encoding for n, q in params.items()}, scheme["kv_cache"],
+                                     qdq.conv_weights(structure), f"quantize ({scheme['engine']} engine)")
         quantizer_args = {"activation_bitwidth": act_bits, "param_bitwidth": scheme["weights"]["bits"],
                           "kv_bitwidth": scheme["kv_cache"], "dtype": "int", "algorithm": algorithm,
                           "per_channel_quantization": scheme["weights"]["granularity"] != "per-tensor"}
@@ -195,8 +192,7 @@ class Quantize(Stage):
         session = ort_session(ctx.out / f"{main['graph']}.qdq.onnx")
         ppl_qdq = timed("QDQ ONNX PPL (onnxruntime)", ppl, ort_step(session, names_in, names_out))
         gap = 100 * (ppl_qdq / ppl_sim - 1)
-        report = {"algorithm": algorithm, "device": device, "weight_seconds": round(weight_seconds, 2),
-                  "weight_calibration_tokens": sum(map(len, weight_prompts)),
+        report = {"engine": scheme["engine"], "algorithm": algorithm, **extra,
                   "ppl_float": ppl_float, "ppl_sim": ppl_sim, "ppl_qdq": ppl_qdq,
                   "delta_sim_pct": 100 * (ppl_sim / ppl_float - 1), "delta_qdq_pct": 100 * (ppl_qdq / ppl_float - 1),
                   "qdq_vs_sim_pct": gap, "eval_tokens": context * min(p["eval_windows"], len(eval_ids) // context),
@@ -209,8 +205,104 @@ class Quantize(Stage):
                      f"QDQ {ppl_qdq:.4f} ({report['delta_qdq_pct']:+.2f}%); QDQ vs sim {gap:+.2f}%; "
                      f"min weight SQNR {min(r['sqnr_db'] for r in rows):.1f} dB")
         if abs(gap) > p["max_qdq_sim_gap_pct"]:
-            raise KilnError(f"quantize: the QDQ ONNX (PPL {ppl_qdq:.4f}) and the torch sim (PPL {ppl_sim:.4f}) differ by "
+            raise KilnError(f"quantize: the QDQ ONNX (PPL {ppl_qdq:.4f}) and the {scheme['engine']} sim (PPL {ppl_sim:.4f}) differ by "
                             f"{gap:+.2f}%, more than max_qdq_sim_gap_pct {p['max_qdq_sim_gap_pct']}")
+
+
+@dataclass
+class Calibration:
+    """What both engines calibrate on."""
+
+    hf: Any                                 # the HF model (the kiln engine quantizes its weights in place)
+    prompts: list[list[int]]                # activation and KV ranges
+    weight_prompts: list[list[int]]         # SeqMSE / GPTQ
+    ar: int
+    context: int
+    names_in: list[str]
+    names_out: list[str]
+
+    def drive(self, step: "Step") -> list[Any]:
+        """The activation prompts through a graph step function, step by step as on the device."""
+        from ..adapted_llama import run_steps
+
+        return [run_steps(step, self.hf, b, self.ar, self.context) for b in self.prompts]
+
+
+# (QuantParams by initializer, activation encodings by tensor, sim step, report rows, report extras)
+EngineResult = tuple[dict[str, "QuantParam"], dict[str, "Encoding"], "Step", list[dict[str, Any]], dict[str, Any]]
+
+
+def _kiln_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structure: Any, algorithm: str) -> EngineResult:
+    """Kiln's PTQ: weights by the algorithm in torch (sequentially for SeqMSE/GPTQ), activation
+    ranges on the weight-quantized graph in onnxruntime, KV encodings from the torch sim."""
+    from ..quant import qdq
+    from ..quant.flow import calibrated_sim, float16_ratio, pick_device, quantize_model
+
+    p, scheme = ctx.params, ctx.params["scheme"]
+    device = pick_device(p["device"])
+    shapes = {i.name: tuple(i.dims) for i in structure.graph.initializer}
+    rows, params, weight_seconds = quantize_model(cal.hf, scheme, algorithm, cal.weight_prompts, shapes, device)
+    ctx.log.info(f"weights: {algorithm} on {device} ({len(cal.weight_prompts)} prompts, "
+                 f"{sum(map(len, cal.weight_prompts))} tokens), {len(rows)} projections + {len(params) - len(rows)} "
+                 f"other params ({weight_seconds:.1f}s)")
+    sim = calibrated_sim(cal.hf, params, scheme, cal.prompts, cal.ar, cal.context)
+    act_bits, ratio = scheme["activations"], float16_ratio(scheme)
+    # activation statistics on the weight-quantized graph (as the sim's)
+    tensors = [t for t in qdq.activation_tensors(structure) if not t.startswith("past_")]
+    acts: dict[str, Any] = {}
+    if act_bits < 32:
+        weights_only = ctx.out.parent / "weights_only" / float_onnx.name
+        weights_only.parent.mkdir()
+        qdq.build_qdq(float_onnx, weights_only, structure.graph.name, params, {})
+        stats = qdq.calibrate_ranges(weights_only, tensors, cal.names_in, cal.names_out, cal.drive,
+                                     ctx.out.parent / "calibration")
+        acts = {t: o.encoding(t, act_bits, ratio) for t, o in stats.items()}
+    acts.update(sim.kv_encodings())  # past_*_in/_out: the sim's shared KV encodings
+    float16 = sum(e.is_float for e in acts.values())
+    if float16:
+        ctx.log.info(f"float16 (max |x| > {ratio:g} × mean |x|): {float16} of {len(acts)} activation "
+                     f"tensors in the graph, {100 * sim.float16_share():.1f}% of the sim's")
+    return params, acts, sim.step(), rows, {"device": device, "weight_seconds": round(weight_seconds, 2),
+                                            "weight_calibration_tokens": sum(map(len, cal.weight_prompts))}
+
+
+def _aimet_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structure: Any, algorithm: str) -> EngineResult:
+    """aimet-onnx computes the encodings on the float graph; Kiln turns them into QuantParams."""
+    import copy
+
+    import numpy as np
+    import onnx
+    import torch
+
+    from ..adapted_llama import AdaptedLlama, hf_names, run_steps, torch_step
+    from ..quant import aimet_engine, qdq
+    from ..quant.model import sqnr_db
+
+    scheme = ctx.params["scheme"]
+    names = hf_names(cal.hf.config.num_hidden_layers)
+    feeds: list[dict[str, np.ndarray]] = []
+    if algorithm == "seqmse":  # AIMET's SeqMSE data: the float graph's inputs at every calibration step
+        for b in cal.prompts:
+            run_steps(torch_step(AdaptedLlama(cal.hf).eval()), cal.hf, b, cal.ar, cal.context,
+                      lambda inputs, _: feeds.append({n: t.numpy() for n, t in zip(cal.names_in, inputs)}))
+    model = qdq.load_structure(float_onnx)
+    qdq.load_weights(model, float_onnx.parent)
+    t0 = time.monotonic()
+    doc, sim_step = aimet_engine.aimet_encodings(copy.deepcopy(model), scheme, algorithm, lambda w: names.get(w, w),
+                                                 cal.names_in, cal.names_out, cal.drive, feeds,
+                                                 ctx.out.parent / "aimet")
+    seconds = time.monotonic() - t0
+    floats = {i.name: i for i in model.graph.initializer}
+    acts, param_encodings = aimet_engine.read_document(doc, set(floats),
+                                                       str(ctx.out.parent / "aimet" / "aimet.encodings"))
+    params = aimet_engine.params_from_encodings(model, param_encodings)
+    ctx.log.info(f"AIMET {algorithm}: {len(params)} param and {len(acts)} activation encodings ({seconds:.1f}s)")
+    rows = [{"name": n, "bits": q.encoding.bits, "granularity": q.encoding.enc_type.lower().replace("_", "-"),
+             "block_size": q.block_size, "symmetric": q.encoding.symmetric,
+             "sqnr_db": round(sqnr_db(torch.from_numpy(onnx.numpy_helper.to_array(floats[n]).astype(np.float32)),
+                                      torch.from_numpy(qdq.dequantize(q))), 3)}
+            for n, q in sorted(params.items())]
+    return params, acts, sim_step, rows, {"weight_seconds": round(seconds, 2)}
 
 
 def report_md(recipe: str, r: dict[str, Any]) -> str:
@@ -222,7 +314,7 @@ def report_md(recipe: str, r: dict[str, Any]) -> str:
     lines += ["", f"## Perplexity ({r['eval_tokens']} held-out tokens, AR-{r['ar']} graph, context {r['context_length']})",
               "", "| model | PPL | Δ vs float |", "|---|---:|---:|",
               f"| float | {r['ppl_float']:.4f} | — |",
-              f"| torch sim ({r['algorithm']}) | {r['ppl_sim']:.4f} | {r['delta_sim_pct']:+.2f}% |",
+              f"| {r['engine']} sim ({r['algorithm']}) | {r['ppl_sim']:.4f} | {r['delta_sim_pct']:+.2f}% |",
               f"| QDQ ONNX, onnxruntime | {r['ppl_qdq']:.4f} | {r['delta_qdq_pct']:+.2f}% |", "",
               "## Weights (SQNR)", "", "| weight | bits | granularity | SQNR dB |", "|---|---:|---|---:|"]
     lines += [f"| {w['name']} | {w['bits']} | {w['granularity']}{'/' + str(w['block_size']) if w['block_size'] else ''} "
