@@ -28,18 +28,23 @@ def variant_name(ar: int) -> str:
     return f"ar{ar}"
 
 
-class ExportOnnx(Stage):
-    """Adapted-model ONNX graphs (AR-128, AR-1, ...) + test vectors."""
+class GraphStage(Stage):
+    """A stage of the Qualcomm (Genie) path that builds or rewrites the adapted ONNX graphs."""
 
-    name = "export.onnx"
-    version = 2  # 2: mask value -100
-    Params = ExportParams
     tools = ("python", "torch", "transformers", "onnx", "onnxruntime", "numpy")
     resource = "heavy"
 
     @classmethod
     def applies(cls, recipe: "Recipe") -> bool:
         return recipe.target.runtime == "genie"
+
+
+class ExportOnnx(GraphStage):
+    """Adapted-model ONNX graphs (AR-128, AR-1, ...) + test vectors."""
+
+    name = "export.onnx"
+    version = 2  # 2: mask value -100
+    Params = ExportParams
 
     @classmethod
     def variants(cls, recipe: "Recipe") -> list[str]:

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import KilnError
-from ..stage import Stage, StageContext
-from .export_onnx import ExportOnnx
+from ..stage import StageContext
+from .export_onnx import ExportOnnx, GraphStage
 
 if TYPE_CHECKING:
     from ..adapted_llama import Step
@@ -79,18 +79,12 @@ def graph_file(export_dir: Path) -> Path:
     return next(p for p in export_dir.glob("*.onnx"))
 
 
-class Quantize(Stage):
+class Quantize(GraphStage):
     """PTQ: QDQ ONNX + AIMET encodings per AR graph, PPL float / sim / QDQ."""
 
     name = "quantize"
     version = 3
     Params = QuantizeParams
-    tools = ("python", "torch", "transformers", "onnx", "onnxruntime", "numpy")
-    resource = "heavy"
-
-    @classmethod
-    def applies(cls, recipe: "Recipe") -> bool:
-        return recipe.target.runtime == "genie"
 
     @classmethod
     def tool_names(cls, recipe: "Recipe", variant: str = "") -> tuple[str, ...]:
