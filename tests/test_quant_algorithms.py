@@ -85,3 +85,14 @@ def test_gptq_compensates_through_correlated_inputs():
 def test_block_size_must_divide_width():
     with pytest.raises(ValueError, match="does not divide"):
         Grid(4, "per-block", 128).groups(torch.zeros(4, 576))
+
+
+def test_blocks_that_do_not_divide_the_input_width_fall_back_to_per_channel():
+    from pipeline.quant.model import grid_for
+
+    scheme = {"weights": {"bits": 4, "granularity": "per-block", "block_size": 128, "symmetric": True},
+              "overrides": [{"match": "lm_head", "weights": {"bits": 8, "granularity": "per-channel"}}]}
+    assert grid_for("model.layers.0.mlp.down_proj.weight", scheme, (576, 1536)) == Grid(4, "per-block", 128)
+    assert grid_for("model.layers.0.mlp.up_proj.weight", scheme, (1536, 576)) == Grid(4, "per-channel", None)
+    assert grid_for("lm_head.weight", scheme, (49152, 576)) == Grid(8, "per-channel", None)
+    assert grid_for("model.norm.weight", scheme, (576,)) == Grid(16, "per-tensor", None)

@@ -26,16 +26,23 @@ if TYPE_CHECKING:
 NORM_DEFAULT = {"bits": 16, "granularity": "per-tensor", "symmetric": True}
 
 
-def grid_for(name: str, scheme: dict[str, Any], ndim: int = 2) -> Grid | None:
-    """The grid of weight `name` (first matching override first); None keeps it float (32)."""
-    spec = scheme["weights"] if ndim > 1 else NORM_DEFAULT
+def grid_for(name: str, scheme: dict[str, Any], shape: tuple[int, ...]) -> Grid | None:
+    """The grid of weight `name` of `shape` (first matching override first); None keeps it float (32).
+
+    A block size that does not divide the weight's input width (SmolLM2's 576 with blocks of 128)
+    falls back to per-channel for that weight, as AIMET's blockwise quantization does: HTP's
+    per-block weights need whole blocks."""
+    spec = scheme["weights"] if len(shape) > 1 else NORM_DEFAULT
     for rule in scheme.get("overrides", []):
         if rule.get("weights") and re.search(rule["match"], name):
             spec = rule["weights"]
             break
     if spec["bits"] >= 32:
         return None
-    return Grid(spec["bits"], spec["granularity"], spec.get("block_size"), spec.get("symmetric", True))
+    granularity, block = spec["granularity"], spec.get("block_size")
+    if granularity == "per-block" and (len(shape) < 2 or shape[1] % block):
+        granularity, block = "per-channel", None
+    return Grid(spec["bits"], granularity, block, spec.get("symmetric", True))
 
 
 def quantizable(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear]]:
@@ -144,7 +151,7 @@ def quantize_weights(model: torch.nn.Module, scheme: dict[str, Any], algorithm: 
     done: set[int] = set()
     todo: dict[str, tuple[torch.nn.Linear, Grid]] = {}
     for name, module in quantizable(model):
-        grid = grid_for(name, scheme)
+        grid = grid_for(name, scheme, tuple(module.weight.shape))
         if grid is not None and id(module.weight) not in done:
             done.add(id(module.weight))
             todo[name] = (module, grid)
@@ -212,7 +219,7 @@ def onnx_params(model: torch.nn.Module, scheme: dict[str, Any], rows: list[dict[
         if row is not None:
             grid, scale, zero = row["grid"], row["scale"], row["zero"]
         else:
-            grid = grid_for(hf_name, scheme, w.ndim)
+            grid = grid_for(hf_name, scheme, tuple(w.shape))
             if grid is None:
                 continue
             _, scale, zero = algorithms.rtn(w.reshape(w.shape[0], -1) if w.ndim > 1 else w[None], grid)

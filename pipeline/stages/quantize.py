@@ -239,6 +239,12 @@ def _kiln_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structur
     ctx.log.info(f"weights: {algorithm} on {device} ({len(cal.weight_prompts)} prompts, "
                  f"{sum(map(len, cal.weight_prompts))} tokens), {len(rows)} projections + {len(params) - len(rows)} "
                  f"other params ({weight_seconds:.1f}s)")
+    block = scheme["weights"].get("block_size")
+    wide = [r["name"] for r in rows if block and r["granularity"] == "per-channel"
+            and scheme["weights"]["granularity"] == "per-block" and r["bits"] == scheme["weights"]["bits"]]
+    if wide:
+        ctx.log.info(f"{len(wide)} weights per-channel: blocks of {block} do not divide their input width "
+                     f"(e.g. {wide[0]})")
     sim = calibrated_sim(cal.hf, params, scheme, cal.prompts, cal.ar, cal.context)
     act_bits, ratio = scheme["activations"], float16_ratio(scheme)
     # activation statistics on the weight-quantized graph (as the sim's)
