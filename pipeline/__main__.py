@@ -1,10 +1,10 @@
-"""`python -m pipeline <verb>`: explain, gc, verify, list, docs, fetch."""
+"""`python -m pipeline <verb>`: explain, gc, verify, list, docs, fetch, perf."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .cli import explain, gc, misc, verify
+from .cli import explain, gc, misc, perf, verify
 from .errors import KilnError
 from .settings import Settings
 
@@ -12,7 +12,7 @@ from .settings import Settings
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = parser.add_subparsers(required=True, metavar="verb")
-    for module in (explain, gc, verify, misc):
+    for module in (explain, gc, verify, misc, perf):
         module.add_parser(sub)
     args = parser.parse_args(argv)
     try:
