@@ -1,0 +1,163 @@
+"""qnn.compile: the quantize stage's QDQ graphs → HTP context binaries for the target SoC.
+
+Provider `ort-qnn` (onnxruntime-qnn from PyPI): each AR graph is first put in its device form
+(pipeline/htp_graph.py: quantized I/O under Genie's tensor names, embedding table on its Gather
+grid), then compiled by onnxruntime-qnn with no CPU fallback, twice:
+- `shared/`: every AR graph in ONE weight-shared binary (`weight_sharing_model_1_of_1.serialized.bin`,
+  the name qnn-context-binary-generator gives it) + one EPContext ONNX per graph — what ships;
+- `unshared/`: one binary per graph — what the x86 HTP simulator can load (it crashes on shared
+  binaries: FACTS.md), for `verify`.
+Every binary is read back through libQnnSystem (pipeline/qnn_binary.py) and checked against the
+recipe: the target's soc model, one graph per AR length, the expected I/O. io.json lists each
+graph's device I/O (dtype, shape, scale/offset) for genie.config and verify.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import KilnError
+from ..stage import StageContext
+from .export_onnx import GraphStage
+from .quantize import Quantize
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
+
+SHARED_BIN = "weight_sharing_model_1_of_1.serialized.bin"
+
+
+class QnnCompileParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    provider: Literal["auto", "ort-qnn"] = Field(
+        "auto", description="Who compiles: `ort-qnn` (onnxruntime-qnn from PyPI); auto = the installed one.")
+    performance_mode: Literal["default", "burst", "balanced", "high_performance", "sustained_high_performance",
+                              "power_saver", "low_power_saver", "high_power_saver", "low_balanced",
+                              "extreme_power_saver"] = Field(
+        "burst", description="HTP performance mode the EPContext models ask for at run time (ORT runtime).")
+    vtcm_mb: int = Field(0, ge=0, description="VTCM the graphs may use, in MB; 0 = the SoC's default.")
+    finalization_level: Literal[0, 1, 2, 3] = Field(
+        3, description="HTP graph finalization optimization level: 3 = slowest to compile, fastest to run.")
+
+
+class QnnCompile(GraphStage):
+    """HTP context binaries: one weight-shared (ships) and one per AR graph (simulator)."""
+
+    name = "qnn.compile"
+    version = 1
+    Params = QnnCompileParams
+    tools = ("python", "onnx", "onnxruntime", "onnxruntime-qnn", "numpy")
+
+    @classmethod
+    def inputs(cls, recipe: "Recipe", variant: str = "") -> list[str]:
+        return [Quantize.name]
+
+    @classmethod
+    def params(cls, recipe: "Recipe", variant: str = "") -> dict[str, Any]:
+        soc = recipe.target.soc
+        if soc is None:
+            raise KilnError(f"{recipe.where('target')}: target {recipe.target.name!r} has no `soc` (soc_model, dsp_arch): "
+                            "qnn.compile needs one")
+        own = recipe.stage_params(cls.name)
+        return {**own, "provider": "ort-qnn" if own["provider"] == "auto" else own["provider"],
+                "soc": soc.name, "soc_model": soc.soc_model, "htp_arch": int(soc.dsp_arch.removeprefix("v")),
+                "ar_lengths": sorted(set(recipe.spec.ar_lengths), reverse=True)}
+
+    @classmethod
+    def ships(cls, recipe: "Recipe", variant: str = "") -> str | None:
+        return "models"
+
+    def run(self, ctx: StageContext) -> None:
+        from ..htp_graph import write_device_graph
+        from ..ort_qnn import compile_graph
+        from ..qnn_binary import check_binary, read_binary_info
+
+        p = ctx.params
+        graphs = json.loads((ctx.inputs[Quantize.name] / "quantize.json").read_text())["graphs"]
+        graphs = sorted(graphs, key=lambda g: -g["ar"])
+        provider = {"htp_performance_mode": p["performance_mode"],
+                    "htp_graph_finalization_optimization_mode": str(p["finalization_level"])}
+        if p["vtcm_mb"]:
+            provider["vtcm_mb"] = str(p["vtcm_mb"])
+        scratch = ctx.out / "device"
+        scratch.mkdir()
+        for sub in ("shared", "unshared"):
+            (ctx.out / sub).mkdir()
+        io: dict[str, Any] = {}
+        timings: dict[str, float] = {}
+        for g in graphs:
+            ins, outs = write_device_graph(ctx.inputs[Quantize.name] / g["qdq"], scratch / f"{g['graph']}.onnx")
+            io[g["graph"]] = {"ar": g["ar"], "inputs": [t.to_json() for t in ins], "outputs": [t.to_json() for t in outs]}
+        for g in graphs:
+            ctx.log.info(f"compiling {g['graph']} for {p['soc']} (soc_model {p['soc_model']}, v{p['htp_arch']})")
+            t0 = time.monotonic()
+            compile_graph(scratch / f"{g['graph']}.onnx", ctx.out / "unshared" / f"{g['graph']}.onnx",
+                          p["soc_model"], p["htp_arch"], provider)
+            timings[g["graph"]] = round(time.monotonic() - t0, 1)
+        t0 = time.monotonic()
+        for i, g in enumerate(graphs):
+            compile_graph(scratch / f"{g['graph']}.onnx", ctx.out / "shared" / f"{g['graph']}.onnx",
+                          p["soc_model"], p["htp_arch"], provider, share="last" if i == len(graphs) - 1 else "share")
+        timings["shared"] = round(time.monotonic() - t0, 1)
+        shutil.rmtree(scratch)
+        _rename_shared_binary(ctx.out / "shared")
+
+        expected = {g: {"inputs": [t["name"] for t in v["inputs"]], "outputs": [t["name"] for t in v["outputs"]]}
+                    for g, v in io.items()}
+        binaries: dict[str, Any] = {}
+        problems: list[str] = []
+        for b in sorted((ctx.out / "shared").glob("*.bin")) + sorted((ctx.out / "unshared").glob("*.bin")):
+            rel = str(b.relative_to(ctx.out))
+            info = read_binary_info(b)
+            want = expected if b.parent.name == "shared" else \
+                {g: e for g, e in expected.items() if b.name.startswith(g + "_")}
+            found = _match_graphs(info, io, want)
+            problems += [f"{rel}: {m}" for m in check_binary(info, p["soc_model"], found)]
+            binaries[rel] = {"bytes": b.stat().st_size, "soc_model": info.get("soc_model"),
+                             "graphs": {g["name"]: {"ar": _ar_of(g, io)} for g in info["graphs"]}, "info": info}
+        report = {"provider": p["provider"], "soc": p["soc"], "soc_model": p["soc_model"], "htp_arch": p["htp_arch"],
+                  "provider_options": provider, "seconds": timings, "binaries": binaries, "problems": problems}
+        (ctx.out / "io.json").write_text(json.dumps(io, indent=2) + "\n")
+        (ctx.out / "compile.json").write_text(json.dumps(report, indent=2) + "\n")
+        shared = binaries[f"shared/{SHARED_BIN}"]
+        ctx.log.info(f"shared binary: {shared['bytes'] / 1e6:.1f} MB, soc_model {shared['soc_model']}, graphs "
+                     + ", ".join(f"{n} (AR-{g['ar']})" for n, g in shared["graphs"].items()))
+        if problems:
+            raise KilnError("qnn.compile: the compiled binaries do not match the recipe:\n  " + "\n  ".join(problems))
+
+
+def _rename_shared_binary(shared: Path) -> None:
+    """Give the one shared binary its SDK name and point every EPContext model at it."""
+    import onnx
+
+    bins = sorted(shared.glob("*.bin"))
+    if len(bins) != 1:
+        raise KilnError(f"qnn.compile: expected one weight-shared binary, onnxruntime-qnn wrote {[b.name for b in bins]}")
+    bins[0].rename(shared / SHARED_BIN)
+    for model_path in shared.glob("*.onnx"):
+        model = onnx.load(str(model_path))
+        for node in model.graph.node:
+            for a in node.attribute:
+                if node.op_type == "EPContext" and a.name == "ep_cache_context":
+                    a.s = SHARED_BIN.encode()
+        onnx.save(model, str(model_path))
+
+
+def _ar_of(graph: dict[str, Any], io: dict[str, Any]) -> int | None:
+    """A binary graph's AR length: the token count of its `input_ids` (ORT names graphs by hash)."""
+    ids = next((t for t in graph["inputs"] if t["name"] == "input_ids"), None)
+    return ids["dims"][-1] if ids else None
+
+
+def _match_graphs(info: dict[str, Any], io: dict[str, Any], want: dict[str, Any]) -> dict[str, Any]:
+    """Expected I/O keyed by the binary's own graph names, matched on AR length."""
+    by_ar = {io[g]["ar"]: e for g, e in want.items()}
+    found = {g["name"]: by_ar.pop(_ar_of(g, io)) for g in info["graphs"] if _ar_of(g, io) in by_ar}
+    # what no binary graph matched is reported missing under its ONNX name
+    found.update({g: e for g, e in want.items() if io[g]["ar"] in by_ar})
+    return found

@@ -1,0 +1,94 @@
+"""qnn.compile with onnxruntime-qnn on the tiny model: a weight-shared SM8750 binary with both AR
+graphs and quantized device I/O, unshared binaries the simulator runs like the CPU QDQ graph, and
+a SoC change that recompiles without re-exporting or re-quantizing."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("onnxruntime_qnn")
+
+RECIPE = """\
+extends: tiny
+target: SOC
+context_length: 64
+ar_lengths: [16, 1]
+scheme: {use: w4a16_kv8, algorithm: rtn}
+stages:
+  quantize: {calibration_samples: 2, calibration_tokens: 16, eval_windows: 2}
+  qnn.compile: {finalization_level: 1}
+"""
+
+
+def built(out: str) -> list[str]:
+    return re.findall(r"kiln: \S+:(\S+): built ", out)
+
+
+def test_qnn_compile_shared_and_unshared_then_soc_change_recompiles_only(tiny_project):
+    tiny_project.write("tq.yaml", RECIPE.replace("SOC", "sm8750"))
+    tiny_project.doit("recipe=tq", "tq:qnn.compile")
+    out = tiny_project.artifacts / "tq" / "qnn.compile"
+    report = json.loads((out / "compile.json").read_text())
+    assert report["problems"] == []
+    shared = report["binaries"]["shared/weight_sharing_model_1_of_1.serialized.bin"]
+    assert shared["soc_model"] == 69
+    assert sorted(g["ar"] for g in shared["graphs"].values()) == [1, 16]
+    assert sorted(b for b in report["binaries"] if b.startswith("unshared/")) == [
+        "unshared/tiny-llama_ar16_cl64_qnn.bin", "unshared/tiny-llama_ar1_cl64_qnn.bin"]
+    # both EPContext models point at the one shared binary, and HTP runs the whole graph
+    for ar in (16, 1):
+        model = onnx.load(str(out / "shared" / f"tiny-llama_ar{ar}_cl64.onnx"))
+        assert [n.op_type for n in model.graph.node] == ["EPContext"]
+        cache = next(a.s for a in model.graph.node[0].attribute if a.name == "ep_cache_context")
+        assert cache == b"weight_sharing_model_1_of_1.serialized.bin"
+
+    io = json.loads((out / "io.json").read_text())
+    big, one = io["tiny-llama_ar16_cl64"], io["tiny-llama_ar1_cl64"]
+    types = {t["name"]: t["dtype"] for t in big["inputs"] + big["outputs"]}
+    assert types["input_ids"] == "int32" and types["attention_mask"] == "uint16" and types["logits"] == "uint16"
+    assert types["past_key_0_in"] == types["past_value_1_out"] == "uint8"
+    # Genie copies KV bytes raw: every KV tensor of every graph has one scale/offset per layer and kind
+    kv = {(g, t["name"]): (t["scale"], t["zero_point"]) for g, v in io.items()
+          for t in v["inputs"] + v["outputs"] if t["name"].startswith("past_key_0")}
+    assert len(kv) == 4 and len(set(kv.values())) == 1
+    assert one["inputs"][0]["shape"] == [1, 1]
+
+    simulator_matches_cpu(tiny_project, out, big)
+
+    tiny_project.write("tq.yaml", RECIPE.replace("SOC", "sm8650"))
+    assert built(tiny_project.doit("recipe=tq", "tq:qnn.compile").stdout) == ["qnn.compile"]
+    report = json.loads((out / "compile.json").read_text())
+    assert report["binaries"]["shared/weight_sharing_model_1_of_1.serialized.bin"]["soc_model"] == 57
+    assert report["htp_arch"] == 75
+
+
+def simulator_matches_cpu(tiny_project, out: Path, io: dict) -> None:
+    """The unshared AR-16 binary on the x86 HTP simulator vs the CPU QDQ graph, on the export's test
+    vectors quantized to the device I/O."""
+    from pipeline.onnx_check import ort_session
+    from pipeline.ort_qnn import simulator_session
+
+    vectors = np.load(tiny_project.artifacts / "tq" / "export.onnx@ar16" / "test_vectors.npz")
+    feed_q, feed_f = {}, {}
+    for t in io["inputs"]:
+        v = vectors[f"in.{t['name']}"]
+        feed_f[t["name"]] = v
+        if t["scale"] is None:
+            feed_q[t["name"]] = v
+            continue
+        info = np.iinfo(t["dtype"])
+        feed_q[t["name"]] = np.clip(np.rint(v / t["scale"]) + t["zero_point"], info.min, info.max).astype(t["dtype"])
+        feed_f[t["name"]] = ((feed_q[t["name"]].astype(np.float32) - t["zero_point"]) * t["scale"]).astype(np.float32)
+    htp = simulator_session(out / "unshared" / "tiny-llama_ar16_cl64.onnx", 69, 79).run(None, feed_q)
+    cpu = ort_session(tiny_project.artifacts / "tq" / "quantize" / "tiny-llama_ar16_cl64.qdq.onnx").run(None, feed_f)
+    for t, h, c in zip(io["outputs"], htp, cpu):
+        h = (h.astype(np.float32) - t["zero_point"]) * t["scale"]
+        cos = float((h * c).sum() / (np.linalg.norm(h) * np.linalg.norm(c)))
+        assert cos > 0.999, (t["name"], cos)
+        if t["name"] == "logits":
+            assert (h.argmax(-1) == c.argmax(-1)).mean() == 1.0
