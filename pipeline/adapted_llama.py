@@ -244,3 +244,46 @@ def torch_step(model: nn.Module) -> Step:
         with torch.no_grad():
             return list(model(*inputs))
     return step
+
+
+def resize_past(past: list[torch.Tensor], length: int) -> list[torch.Tensor]:
+    """Right-aligned past windows re-cut to `length` slots (another AR graph's window): the
+    newest entries stay, empty slots on the left are zeros."""
+    out = []
+    for i, t in enumerate(past):
+        axis = -1 if i % 2 == 0 else -2
+        have = t.shape[axis]
+        if have >= length:
+            out.append(t.narrow(axis, have - length, length))
+        else:
+            pad = list(t.shape)
+            pad[axis] = length - have
+            out.append(torch.cat([torch.zeros(pad, dtype=t.dtype), t], dim=axis))
+    return out
+
+
+def prefill_and_decode(steps: dict[int, Step], hf_model: nn.Module, ids: list[int], decode: int,
+                       context: int) -> tuple[torch.Tensor, list[int]]:
+    """As Genie runs a model: the prompt through the widest AR graph, then `decode` greedy tokens
+    one by one through AR-1 (or the narrowest graph). Returns (logits of every prompt position and
+    decode step [len(ids) - 1 + decode + 1, vocab] → row i predicts token i + 1, generated tokens)."""
+    wide, narrow = max(steps), min(steps)
+    got, past = [], None
+    for start in range(0, len(ids), wide):
+        chunk = ids[start:start + wide]
+        inputs = step_inputs(hf_model, chunk, start, wide, context, past)
+        outputs = steps[wide](inputs)
+        got.append(outputs[0][0, :len(chunk)])
+        past = advance_past(list(inputs[4:]), outputs[1:], len(chunk))
+    generated: list[int] = []
+    position = len(ids)
+    past = resize_past(past, context - narrow)
+    for _ in range(decode):
+        token = int(got[-1][-1].argmax())
+        generated.append(token)
+        inputs = step_inputs(hf_model, [token], position, narrow, context, past)
+        outputs = steps[narrow](inputs)
+        got.append(outputs[0][0, :1])
+        past = advance_past(list(inputs[4:]), outputs[1:], 1)
+        position += 1
+    return torch.cat(got), generated

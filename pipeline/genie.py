@@ -152,7 +152,8 @@ class Dialog:
             raise
         return self
 
-    def query(self, prompt: str, max_tokens: int) -> str:
+    def query(self, prompt: str, max_tokens: int) -> tuple[str, int]:
+        """(generated text, tokens generated: one callback per token)."""
         lib = library()
         pieces: list[bytes] = []
 
@@ -166,7 +167,7 @@ class Dialog:
             status = lib.GenieDialog_query(self._handle, prompt.encode(), 0, on_text, None)  # 0: complete sentence
         self.log += "".join(printed)
         _check(status, "GenieDialog_query", printed)
-        return b"".join(pieces).decode(errors="replace")
+        return b"".join(pieces).decode(errors="replace"), len(pieces)
 
     def __exit__(self, *exc: Any) -> None:
         try:

@@ -39,6 +39,18 @@ def _link_one(method: str, src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def link_or_copy(src: Path, dst: Path, methods: tuple[str, ...] = ("reflink", "hardlink", "copy")) -> str:
+    """Put file `src` at `dst` by the first method the filesystem allows; return the method."""
+    for method in methods:
+        try:
+            _link_one(method, src, dst)
+            return method
+        except OSError:
+            if method == methods[-1]:
+                raise
+    raise ValueError("no method given")
+
+
 def link_tree(src: Path, dst: Path, methods: tuple[str, ...] = METHODS) -> str:
     """Mirror `src` into `dst` (created, or merged into when it exists); return the method used."""
     dst.mkdir(parents=True, exist_ok=True)

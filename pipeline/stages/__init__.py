@@ -18,5 +18,6 @@ from . import (  # noqa: F401  (import registers the stages)
     quantize,
     report,
     text,
+    verify_htp,
     verify_llamacpp,
 )

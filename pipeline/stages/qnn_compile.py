@@ -49,7 +49,7 @@ class QnnCompile(GraphStage):
     """HTP context binaries: one weight-shared (ships) and one per AR graph (simulator)."""
 
     name = "qnn.compile"
-    version = 1
+    version = 2  # 2: RMSNorm fused into one op (float16 overflow on HTP otherwise)
     Params = QnnCompileParams
     tools = ("python", "onnx", "onnxruntime", "onnxruntime-qnn", "numpy")
 
