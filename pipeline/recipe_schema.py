@@ -102,7 +102,8 @@ class ActivationQuant(Strict):
     float16_outlier_ratio: float | None = Field(
         None, gt=1,
         description="Mixed precision: a 16-bit activation whose calibrated max |x| exceeds this many times its mean |x| "
-                    "runs in float16 instead (HTP v73+); unset = every activation on the integer grid.")
+                    "runs in float16 instead (HTP v73+); unset = every activation on the integer grid. Not for Genie targets: "
+                    "a float16 residual stream breaks the AR-128 graph on HTP (verify.htp catches it).")
 
 
 class KvQuant(Strict):

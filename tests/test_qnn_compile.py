@@ -92,3 +92,41 @@ def simulator_matches_cpu(tiny_project, out: Path, io: dict) -> None:
         assert cos > 0.999, (t["name"], cos)
         if t["name"] == "logits":
             assert (h.argmax(-1) == c.argmax(-1)).mean() == 1.0
+
+
+def test_qairt_provider_runs_the_sdk_tools_and_checks_what_they_wrote(tiny_project, tmp_path):
+    """With the doubles standing in for the QAIRT SDK: the stage converts each float graph with the
+    encodings as overrides, quantizes, generates one weight-shared binary — and its libQnnSystem check
+    refuses the doubles' stand-in binary, as it would any file that is not a context binary."""
+    import os
+    import sys
+
+    from tests.qairt_doubles.make_sdk import make_fake_sdk
+
+    sdk = make_fake_sdk(tmp_path / "qairt" / "2.39.0.250926")
+    log = tmp_path / "doubles.jsonl"
+    tiny_project.write("tq.yaml", RECIPE.replace("SOC", "sm8750").replace("{finalization_level: 1}",
+                                                                          "{finalization_level: 1, provider: qairt}"))
+    done = tiny_project.doit("recipe=tq", "tq:qnn.compile", check=False, QNN_SDK_ROOT=str(sdk),
+                             QAIRT_DOUBLE_LOG=str(log),
+                             PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    assert done.returncode != 0
+    assert "weight_sharing_model_1_of_1.serialized.bin: not a QNN context binary" in done.stdout + done.stderr
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    tools = [c["tool"] for c in calls]
+    assert tools == ["qairt-converter", "qairt-quantizer", "qairt-converter", "qairt-quantizer",
+                     "qnn-context-binary-generator"]
+    convert = calls[0]["argv"]
+    assert convert[convert.index("--input_network") + 1].endswith("/tiny-llama_ar16_cl64.onnx")  # the float graph
+    assert convert[convert.index("--quantization_overrides") + 1].endswith("tiny-llama_ar16_cl64.encodings.json")
+    generate = calls[-1]["argv"]
+    assert len(generate[generate.index("--dlc_path") + 1].split(",")) == 2
+
+
+def test_qairt_provider_without_the_sdk_says_what_to_install(tiny_project):
+    tiny_project.write("tq.yaml", RECIPE.replace("SOC", "sm8750").replace("{finalization_level: 1}",
+                                                                          "{provider: qairt}"))
+    done = tiny_project.doit("list", "recipe=tq", check=False, QNN_SDK_ROOT="")
+    assert done.returncode != 0
+    message = done.stdout + done.stderr
+    assert "QNN_SDK_ROOT is not set" in message and "QAIRT SDK" in message and "provider: ort-qnn" in message

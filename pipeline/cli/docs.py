@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
+from pydantic_core import PydanticUndefined, to_jsonable_python
 
 from ..recipe import recipe_model
 from ..recipe_schema import SchemeSpec, TargetSpec
@@ -41,7 +41,7 @@ def _show(value: Any) -> str:
         fields = value.model_dump(mode="json", exclude_defaults=False)
         text = json.dumps(fields, separators=(", ", ": "))
         return "see below" if len(text) > 80 else f"`{text}`"
-    return "`" + json.dumps(value) + "`"
+    return "`" + json.dumps(to_jsonable_python(value)) + "`"
 
 
 def rows(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -7,6 +7,7 @@ from . import (  # noqa: F401  (import registers the stages)
     eval_perplexity,
     export_onnx,
     genie_config,
+    genie_package,
     gguf_convert,
     gguf_imatrix,
     gguf_quantize,

@@ -84,7 +84,7 @@ class GenieConfig(Stage):
         soc = QnnCompile.params(recipe)
         return {**own, "model": recipe.model.name, "context_length": recipe.spec.context_length,
                 "soc_model": soc["soc_model"], "dsp_arch": f"v{soc['htp_arch']}",
-                "ctx_bins": [f"{QnnCompile.ships(recipe)}/{SHARED_BIN}"]}
+                "ctx_bins": [f"models/{SHARED_BIN}"]}  # where genie.package puts it
 
     @classmethod
     def sources(cls, recipe: "Recipe", variant: str = "") -> dict[str, Any]:

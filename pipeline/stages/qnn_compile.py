@@ -4,7 +4,8 @@ Provider `ort-qnn` (onnxruntime-qnn from PyPI): each AR graph is first put in it
 (pipeline/htp_graph.py: quantized I/O under Genie's tensor names, embedding table on its Gather
 grid), then compiled by onnxruntime-qnn with no CPU fallback, twice:
 - `shared/`: every AR graph in ONE weight-shared binary (`weight_sharing_model_1_of_1.serialized.bin`,
-  the name qnn-context-binary-generator gives it) + one EPContext ONNX per graph — what ships;
+  the name qnn-context-binary-generator gives it) + one EPContext ONNX per graph — what
+  genie.package ships as `models/`;
 - `unshared/`: one binary per graph — what the x86 HTP simulator can load (it crashes on shared
   binaries: FACTS.md), for `verify`.
 Every binary is read back through libQnnSystem (pipeline/qnn_binary.py) and checked against the
@@ -22,20 +23,22 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import KilnError
+from ..qairt import SHARED_BIN  # the SDK tool's name; ort-qnn's shared binary is renamed to it
 from ..stage import StageContext
-from .export_onnx import GraphStage
+from .export_onnx import ExportOnnx, GraphStage
 from .quantize import Quantize
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
-SHARED_BIN = "weight_sharing_model_1_of_1.serialized.bin"
-
 
 class QnnCompileParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    provider: Literal["auto", "ort-qnn"] = Field(
-        "auto", description="Who compiles: `ort-qnn` (onnxruntime-qnn from PyPI); auto = the installed one.")
+    provider: Literal["auto", "ort-qnn", "qairt"] = Field(
+        "auto", description="Who compiles the shipped binary: `qairt` (Qualcomm's SDK at $QNN_SDK_ROOT: qairt-converter "
+                            "with the encodings as overrides, qairt-quantizer, qnn-context-binary-generator) or `ort-qnn` "
+                            "(onnxruntime-qnn from PyPI); auto = qairt when QNN_SDK_ROOT holds the SDK, else ort-qnn. "
+                            "The simulator's unshared binaries always come from ort-qnn.")
     performance_mode: Literal["default", "burst", "balanced", "high_performance", "sustained_high_performance",
                               "power_saver", "low_power_saver", "high_power_saver", "low_balanced",
                               "extreme_power_saver"] = Field(
@@ -54,8 +57,17 @@ class QnnCompile(GraphStage):
     tools = ("python", "onnx", "onnxruntime", "onnxruntime-qnn", "numpy")
 
     @classmethod
+    def provider(cls, recipe: "Recipe") -> str:
+        from .. import qairt
+
+        chosen = recipe.stage_params(cls.name)["provider"]
+        return ("qairt" if qairt.available() else "ort-qnn") if chosen == "auto" else chosen
+
+    @classmethod
     def inputs(cls, recipe: "Recipe", variant: str = "") -> list[str]:
-        return [Quantize.name]
+        # qairt-converter reads the float graphs (with the encodings as overrides), as in seed 000
+        exports = [f"{ExportOnnx.name}@{v}" for v in ExportOnnx.variants(recipe)] if cls.provider(recipe) == "qairt" else []
+        return [Quantize.name] + exports
 
     @classmethod
     def params(cls, recipe: "Recipe", variant: str = "") -> dict[str, Any]:
@@ -63,14 +75,13 @@ class QnnCompile(GraphStage):
         if soc is None:
             raise KilnError(f"{recipe.where('target')}: target {recipe.target.name!r} has no `soc` (soc_model, dsp_arch): "
                             "qnn.compile needs one")
-        own = recipe.stage_params(cls.name)
-        return {**own, "provider": "ort-qnn" if own["provider"] == "auto" else own["provider"],
-                "soc": soc.name, "soc_model": soc.soc_model, "htp_arch": int(soc.dsp_arch.removeprefix("v")),
-                "ar_lengths": sorted(set(recipe.spec.ar_lengths), reverse=True)}
+        from .. import qairt
 
-    @classmethod
-    def ships(cls, recipe: "Recipe", variant: str = "") -> str | None:
-        return "models"
+        own = recipe.stage_params(cls.name)
+        provider = cls.provider(recipe)
+        sdk = qairt.sdk_version(qairt.sdk_root()) if provider == "qairt" else None  # the SDK's error if missing
+        return {**own, "provider": provider, "qairt_sdk": sdk, "soc": soc.name, "soc_model": soc.soc_model, "htp_arch": int(soc.dsp_arch.removeprefix("v")),
+                "ar_lengths": sorted(set(recipe.spec.ar_lengths), reverse=True)}
 
     def run(self, ctx: StageContext) -> None:
         from ..htp_graph import write_device_graph
@@ -100,12 +111,15 @@ class QnnCompile(GraphStage):
                           p["soc_model"], p["htp_arch"], provider)
             timings[g["graph"]] = round(time.monotonic() - t0, 1)
         t0 = time.monotonic()
-        for i, g in enumerate(graphs):
-            compile_graph(scratch / f"{g['graph']}.onnx", ctx.out / "shared" / f"{g['graph']}.onnx",
-                          p["soc_model"], p["htp_arch"], provider, share="last" if i == len(graphs) - 1 else "share")
+        if p["provider"] == "qairt":
+            _qairt_shared(ctx, graphs)
+        else:
+            for i, g in enumerate(graphs):
+                compile_graph(scratch / f"{g['graph']}.onnx", ctx.out / "shared" / f"{g['graph']}.onnx", p["soc_model"],
+                              p["htp_arch"], provider, share="last" if i == len(graphs) - 1 else "share")
+            _rename_shared_binary(ctx.out / "shared")
         timings["shared"] = round(time.monotonic() - t0, 1)
         shutil.rmtree(scratch)
-        _rename_shared_binary(ctx.out / "shared")
 
         expected = {g: {"inputs": [t["name"] for t in v["inputs"]], "outputs": [t["name"] for t in v["outputs"]]}
                     for g, v in io.items()}
@@ -129,6 +143,23 @@ class QnnCompile(GraphStage):
                      + ", ".join(f"{n} (AR-{g['ar']})" for n, g in shared["graphs"].items()))
         if problems:
             raise KilnError("qnn.compile: the compiled binaries do not match the recipe:\n  " + "\n  ".join(problems))
+
+
+def _qairt_shared(ctx: StageContext, graphs: list[dict[str, Any]]) -> None:
+    """The shipped binary from the QAIRT SDK: float graph + encodings per AR graph, weight-shared."""
+    from .. import qairt
+
+    p = ctx.params
+    exports = {json.loads((d / "export.json").read_text())["graph"]: d
+               for n, d in ctx.inputs.items() if n.startswith(ExportOnnx.name)}
+    work = ctx.out / "qairt"
+    ctx.log.info(f"compiling {len(graphs)} graphs with QAIRT {p['qairt_sdk']} (weight-shared)")
+    binary = qairt.compile_shared(
+        qairt.sdk_root(), [(g["graph"], exports[g["graph"]] / f"{g['graph']}.onnx",
+                            ctx.inputs[Quantize.name] / g["encodings"]) for g in graphs],
+        p["soc_model"], f"v{p['htp_arch']}", work, vtcm_mb=p["vtcm_mb"], finalization_level=p["finalization_level"])
+    binary.rename(ctx.out / "shared" / SHARED_BIN)
+    shutil.rmtree(work)
 
 
 def _rename_shared_binary(shared: Path) -> None:

@@ -1,0 +1,64 @@
+"""genie.package + bundle on the tiny model: seed 000's to_device/ layout (weight-shared binary under
+models/, Genie configs, tokenizer, exact-length prompt files, run.sh with the adb / genie-t2t-run
+commands) and the QAIRT runtime libraries: listed without an SDK, copied from QNN_SDK_ROOT."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("onnxruntime_qnn")
+
+RECIPE = """\
+extends: tiny
+target: sm8750
+context_length: 64
+ar_lengths: [16, 1]
+scheme: {use: w8a16_kv8, algorithm: rtn}
+stages:
+  quantize: {calibration_samples: 2, calibration_tokens: 16, eval_windows: 2}
+  qnn.compile: {finalization_level: 1}
+  genie.package: {prompt_tokens: [16, 100]}
+"""
+LIBS = ["genie-t2t-run", "libGenie.so", "libQnnHtp.so", "libQnnHtpNetRunExtensions.so", "libQnnHtpV79Skel.so",
+        "libQnnHtpV79Stub.so", "libQnnSystem.so"]
+
+
+def test_bundle_is_the_seed_layout_and_sdk_libraries_come_from_qnn_sdk_root(tiny_project, tmp_path):
+    tiny_project.write("tq.yaml", RECIPE)
+    tiny_project.doit("recipe=tq", "tq:bundle")
+    to_device = tiny_project.artifacts / "tq" / "bundle" / "to_device"
+    files = {p.relative_to(to_device).as_posix() for p in to_device.rglob("*") if p.is_file()}
+    assert {"models/weight_sharing_model_1_of_1.serialized.bin", "models/tiny-llama_ar16_cl64.onnx",
+            "htp-model-config-tiny-llama.json", "htp_backend_ext_config.json", "tokenizer.json",
+            "lprompt_16.txt", "lprompt_100.txt", "run.sh", "SDK_LIBRARIES.txt", "manifest.json"} <= files
+    assert not any(f.startswith("unshared/") or f.endswith("_qnn.bin") for f in files)  # simulator-only binaries
+    package = json.loads((tiny_project.artifacts / "tq" / "genie.package" / "package.json").read_text())
+    assert package["prompts"] == {"16": 16, "100": 100}
+    assert sorted(package["sdk_libraries_missing"]) == LIBS
+    run_sh = (to_device / "run.sh").read_text()
+    subprocess.run(["sh", "-n", str(to_device / "run.sh")], check=True)
+    assert "./genie-t2t-run -c ./htp-model-config-tiny-llama.json -p 'The capital of France is'" in run_sh
+    assert "--prompt_file lprompt_16.txt --profile perf_16.json" in run_sh
+    assert "lprompt_100.txt: 100 tokens exceed this build's context (64); skipped" in run_sh
+    assert "libQnnHtpV79Skel.so\t$QNN_SDK_ROOT/lib/hexagon-v79/unsigned/libQnnHtpV79Skel.so\tADD" in \
+        (to_device / "SDK_LIBRARIES.txt").read_text()
+
+    from tests.qairt_doubles.make_sdk import make_fake_sdk
+    from pipeline.stages.genie_package import sdk_libraries
+
+    sdk = make_fake_sdk(tmp_path / "qairt" / "2.39.0.250926")
+    for name, rel in sdk_libraries("v79").items():
+        (sdk / rel).parent.mkdir(parents=True, exist_ok=True)
+        (sdk / rel).write_bytes(f"stand-in for {name}".encode())
+    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"
+    tiny_project.write("tq.yaml", RECIPE.replace("qnn.compile: {finalization_level: 1}",
+                                                 "qnn.compile: {finalization_level: 1, provider: ort-qnn}"))
+    tiny_project.doit("recipe=tq", "tq:bundle", QNN_SDK_ROOT=str(sdk), PATH=path)
+    assert (to_device / "libQnnHtpV79Skel.so").read_bytes() == b"stand-in for libQnnHtpV79Skel.so"
+    assert "Copied from QNN_SDK_ROOT" in (to_device / "SDK_LIBRARIES.txt").read_text()
+    manifest = json.loads((to_device / "manifest.json").read_text())
+    assert "libGenie.so" in manifest["files"]
