@@ -47,8 +47,8 @@ def test_bundle_is_the_seed_layout_and_sdk_libraries_come_from_qnn_sdk_root(tiny
     assert "libQnnHtpV79Skel.so\t$QNN_SDK_ROOT/lib/hexagon-v79/unsigned/libQnnHtpV79Skel.so\tADD" in \
         (to_device / "SDK_LIBRARIES.txt").read_text()
 
-    from tests.qairt_doubles.make_sdk import make_fake_sdk
     from pipeline.stages.genie_package import sdk_libraries
+    from tests.qairt_doubles.make_sdk import make_fake_sdk
 
     sdk = make_fake_sdk(tmp_path / "qairt" / "2.39.0.250926")
     for name, rel in sdk_libraries("v79").items():
