@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from jinja2.sandbox import SandboxedEnvironment
@@ -25,3 +25,18 @@ def environment(root: Path = TEMPLATES) -> "SandboxedEnvironment":
 
 def render(template: str, **values: Any) -> str:
     return environment().get_template(template).render(**values)
+
+
+class ShipsTemplates:
+    """Mixin for a stage that renders the device-side files of a bundle (run.sh, README) from
+    `templates_used`: those templates are its sources, and its output goes to the bundle's top."""
+
+    templates_used: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def sources(cls, recipe: Any, variant: str = "") -> dict[str, Path]:
+        return {t: TEMPLATES / t for t in cls.templates_used}
+
+    @classmethod
+    def ships(cls, recipe: Any, variant: str = "") -> str | None:
+        return "."

@@ -140,3 +140,13 @@ def fake_hf_cache(root: Path, repo_id: str, kind: str, files: dict[str, bytes]) 
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(repo / "blobs" / sha, link.parent))
     return commit
+
+
+def tiny_htp_recipe(stages: dict[str, str] | None = None, *, scheme: str = "w8a16_kv8", algorithm: str = "rtn",
+                    target: str = "sm8750") -> str:
+    """A recipe over `tiny` for the Qualcomm path, small enough for tests: context 64, AR-16 + AR-1,
+    short calibration; `stages` adds `name: {flow mapping}` lines."""
+    lines = {"quantize": "{calibration_samples: 2, calibration_tokens: 16, eval_windows: 2}", **(stages or {})}
+    return (f"extends: tiny\ntarget: {target}\ncontext_length: 64\nar_lengths: [16, 1]\n"
+            f"scheme: {{use: {scheme}, algorithm: {algorithm}}}\nstages:\n"
+            + "".join(f"  {name}: {value}\n" for name, value in lines.items()))

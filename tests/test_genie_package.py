@@ -10,19 +10,11 @@ import sys
 
 import pytest
 
+from tests.conftest import tiny_htp_recipe
+
 pytest.importorskip("onnxruntime_qnn")
 
-RECIPE = """\
-extends: tiny
-target: sm8750
-context_length: 64
-ar_lengths: [16, 1]
-scheme: {use: w8a16_kv8, algorithm: rtn}
-stages:
-  quantize: {calibration_samples: 2, calibration_tokens: 16, eval_windows: 2}
-  qnn.compile: {finalization_level: 1}
-  genie.package: {prompt_tokens: [16, 100]}
-"""
+RECIPE = tiny_htp_recipe({"qnn.compile": "{finalization_level: 1}", "genie.package": "{prompt_tokens: [16, 100]}"})
 LIBS = ["genie-t2t-run", "libGenie.so", "libQnnHtp.so", "libQnnHtpNetRunExtensions.so", "libQnnHtpV79Skel.so",
         "libQnnHtpV79Stub.so", "libQnnSystem.so"]
 

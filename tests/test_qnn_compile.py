@@ -11,18 +11,11 @@ import numpy as np
 import onnx
 import pytest
 
+from tests.conftest import tiny_htp_recipe
+
 pytest.importorskip("onnxruntime_qnn")
 
-RECIPE = """\
-extends: tiny
-target: SOC
-context_length: 64
-ar_lengths: [16, 1]
-scheme: {use: w4a16_kv8, algorithm: rtn}
-stages:
-  quantize: {calibration_samples: 2, calibration_tokens: 16, eval_windows: 2}
-  qnn.compile: {finalization_level: 1}
-"""
+RECIPE = tiny_htp_recipe({"qnn.compile": "{finalization_level: 1}"}, scheme="w4a16_kv8", target="SOC")
 
 
 def built(out: str) -> list[str]:

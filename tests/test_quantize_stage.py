@@ -6,16 +6,9 @@ import json
 import re
 
 from pipeline.quant import encodings
+from tests.conftest import tiny_htp_recipe
 
-RECIPE = """\
-extends: tiny
-target: sm8750
-context_length: 64
-ar_lengths: [16, 1]
-scheme: {use: w4a16_kv8, algorithm: ALGO}
-stages:
-  quantize: {calibration_samples: 2, calibration_tokens: 16, eval_windows: 2}
-"""
+RECIPE = tiny_htp_recipe(scheme="w4a16_kv8", algorithm="ALGO")
 
 
 def built(out: str) -> list[str]:

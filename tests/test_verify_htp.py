@@ -7,19 +7,12 @@ import json
 
 import pytest
 
+from tests.conftest import tiny_htp_recipe
+
 pytest.importorskip("onnxruntime_qnn")
 
-RECIPE = """\
-extends: tiny
-target: sm8750
-context_length: 64
-ar_lengths: [16, 1]
-scheme: {use: w8a16_kv8, algorithm: rtn}
-stages:
-  quantize: {calibration_samples: 2, calibration_tokens: 16, eval_windows: 2}
-  qnn.compile: {finalization_level: 1}
-  verify.htp: {text_tokens: 20, decode_steps: 2, prompts: ["w1 w2 w3 w4"], max_new_tokens: 3, match_tokens: 2}
-"""
+RECIPE = tiny_htp_recipe({"qnn.compile": "{finalization_level: 1}", "verify.htp": (
+    '{text_tokens: 20, decode_steps: 2, prompts: ["w1 w2 w3 w4"], max_new_tokens: 3, match_tokens: 2}')})
 
 
 def test_simulator_and_genie_agree_with_the_float_model(tiny_project):

@@ -23,14 +23,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import KilnError
 from ..materialize import link_or_copy
 from ..stage import Stage, StageContext
-from ..templating import TEMPLATES
+from ..templating import ShipsTemplates
 from .genie_config import config_name
 from .qnn_compile import SHARED_BIN, QnnCompile
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
-TEMPLATES_USED = ("genie/run.sh.j2", "genie/README.md.j2")
 DEVICE_DIR = "/data/local/tmp/{recipe}"
 
 
@@ -54,11 +53,12 @@ def sdk_libraries(dsp_arch: str) -> dict[str, str]:
             f"libQnnHtp{v}Skel.so": f"lib/hexagon-{dsp_arch}/unsigned/libQnnHtp{v}Skel.so"}
 
 
-class GeniePackage(Stage):
+class GeniePackage(ShipsTemplates, Stage):
     """models/, tokenizer, prompt files, run.sh and the SDK runtime libraries for the phone."""
 
     name = "genie.package"
     version = 1
+    templates_used = ("genie/run.sh.j2", "genie/README.md.j2")
     Params = GeniePackageParams
     tools = ("python", "jinja2", "transformers")
 
@@ -83,14 +83,6 @@ class GeniePackage(Stage):
                 "soc": soc["soc"], "dsp_arch": dsp_arch, "config": config_name(recipe.model.name),
                 "libraries": sdk_libraries(dsp_arch), "sdk": str(sdk) if sdk else None,
                 "sdk_version": qairt.sdk_version(sdk) if sdk else None}
-
-    @classmethod
-    def sources(cls, recipe: "Recipe", variant: str = "") -> dict[str, Path]:
-        return {t: TEMPLATES / t for t in TEMPLATES_USED}
-
-    @classmethod
-    def ships(cls, recipe: "Recipe", variant: str = "") -> str | None:
-        return "."
 
     def run(self, ctx: StageContext) -> None:
         from transformers import AutoTokenizer

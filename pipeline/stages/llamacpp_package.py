@@ -5,25 +5,23 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..llamacpp import LlamacppStage, gguf_name, gguf_types
 from ..stage import NoParams, StageContext
-from ..templating import TEMPLATES
+from ..templating import ShipsTemplates
 from .verify_llamacpp import VerifyLlamacpp
 
 if TYPE_CHECKING:
     from ..recipe import Recipe
 
-TEMPLATES_USED = ("llamacpp/run.sh.j2", "llamacpp/README.md.j2")
 
-
-class LlamacppPackage(LlamacppStage):
+class LlamacppPackage(ShipsTemplates, LlamacppStage):
     """run.sh and README.md for the board."""
 
     name = "llamacpp.package"
     version = 1
+    templates_used = ("llamacpp/run.sh.j2", "llamacpp/README.md.j2")
     Params = NoParams
 
     @classmethod
@@ -41,14 +39,6 @@ class LlamacppPackage(LlamacppStage):
                 "target": recipe.target.model_dump(mode="json"), "primary": primary,
                 "models": [gguf_name(recipe.model.name, t) for t in gguf_types(recipe)],
                 "verify": VerifyLlamacpp.params(recipe, primary)}
-
-    @classmethod
-    def sources(cls, recipe: "Recipe", variant: str = "") -> dict[str, Path]:
-        return {t: TEMPLATES / t for t in TEMPLATES_USED}
-
-    @classmethod
-    def ships(cls, recipe: "Recipe", variant: str = "") -> str | None:
-        return "."
 
     def run(self, ctx: StageContext) -> None:
         from ..templating import render
