@@ -31,3 +31,4 @@ def test_simulator_and_genie_agree_with_the_float_model(tiny_project):
     dialog = json.loads((out / "genie" / "dialog.json").read_text())["dialog"]
     assert dialog["engine"]["model"]["binary"]["ctx-bins"] == ["tiny-llama_ar16_cl64_qnn.bin", "tiny-llama_ar1_cl64_qnn.bin"]
     assert (out / "genie.log").exists()
+    assert "| simulator vs cpu qdq | 1.000 |" in (out / "report.md").read_text()

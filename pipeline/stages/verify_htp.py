@@ -52,7 +52,7 @@ class VerifyHtp(Stage):
     """Simulator numerics of the binaries and the Genie runtime's answers."""
 
     name = "verify.htp"
-    version = 1
+    version = 2  # 2: report.md, shipped as the bundle's report/
     Params = VerifyHtpParams
     tools = ("python", "torch", "transformers", "onnxruntime", "onnxruntime-qnn", "numpy")
     resource = "heavy"
@@ -80,6 +80,10 @@ class VerifyHtp(Stage):
     def sources(cls, recipe: "Recipe", variant: str = "") -> dict[str, Any]:
         return GenieConfig.sources(recipe)
 
+    @classmethod
+    def ships(cls, recipe: "Recipe", variant: str = "") -> str | None:
+        return "report"  # the simulator figures travel with the bundle
+
     def run(self, ctx: StageContext) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,6 +95,7 @@ class VerifyHtp(Stage):
         genie = genie_answers(ctx, hf, tokenizer)
         report = {"label": "x86 HTP simulator (onnxruntime-qnn), not the phone", "numerics": numerics, "genie": genie}
         (ctx.out / "verify.json").write_text(json.dumps(report, indent=2) + "\n")
+        (ctx.out / "report.md").write_text(report_md(ctx.recipe_name, report))
         problems = []
         sim, sim_float, cpu_float = (numerics[k] for k in ("simulator_vs_cpu_qdq", "simulator_vs_float", "cpu_qdq_vs_float"))
         if sim["top1_agreement"] < p["min_top1"] or sim["cosine_mean"] < p["min_cosine"]:
@@ -103,6 +108,21 @@ class VerifyHtp(Stage):
                      for a in genie["answers"] if not a["match"]]
         if problems:
             raise KilnError("verify.htp: " + "; ".join(problems))
+
+
+def report_md(recipe: str, report: dict[str, Any]) -> str:
+    n = report["numerics"]
+    rows = [f"| {k.replace('_', ' ')} | {v['top1_agreement']:.3f} | {v['cosine_mean']:.4f} | {v['cosine_min']:.4f} |"
+            for k, v in n.items() if isinstance(v, dict)]
+    answers = [f"| {a['prompt']!r} | {a['genie']!r} | {a['float']!r} | {'yes' if a['match'] else 'NO'} | "
+               f"{a['tokens_per_s_simulator']} |" for a in report["genie"]["answers"]]
+    return "\n".join([
+        f"# {recipe}: HTP binaries on the x86 simulator ({report['label']})", "",
+        f"{n['tokens']} prompt tokens through the widest AR graph, then {n['decode_steps']} greedy AR-1 steps "
+        f"({n['simulator_seconds']} s simulated).", "",
+        "| logits | top-1 agreement | cosine mean | cosine min |", "|---|---:|---:|---:|", *rows, "",
+        f"Genie {report['genie']['api']} (libGenie x86, the bundle's config over the unshared binaries, greedy):", "",
+        "| prompt | Genie | float model | match | tokens/s (simulator) |", "|---|---|---|---|---:|", *answers, ""])
 
 
 def _compare(a: Any, b: Any) -> dict[str, float]:
