@@ -57,7 +57,7 @@ class GeniePackage(ShipsTemplates, Stage):
     """models/, tokenizer, prompt files, run.sh and the SDK runtime libraries for the phone."""
 
     name = "genie.package"
-    version = 1
+    version = 2  # 2: the binary's libQnnSystem metadata in package.json and README
     templates_used = ("genie/run.sh.j2", "genie/README.md.j2")
     Params = GeniePackageParams
     tools = ("python", "jinja2", "transformers")
@@ -96,6 +96,11 @@ class GeniePackage(ShipsTemplates, Stage):
             link_or_copy(f, models / f.name)
         if not (models / SHARED_BIN).exists():
             raise KilnError(f"genie.package: qnn.compile wrote no {SHARED_BIN}")
+        compiled = json.loads((ctx.inputs[QnnCompile.name] / "compile.json").read_text())
+        shared = compiled["binaries"][f"shared/{SHARED_BIN}"]
+        binary = {"file": f"models/{SHARED_BIN}", "bytes": shared["bytes"], "provider": compiled["provider"],
+                  "soc_model": shared["soc_model"], "htp_arch": shared["info"].get("htp_arch"),
+                  "qnn_build": shared["info"].get("build_id"), "graphs": shared["graphs"]}
         link_or_copy(ctx.inputs["model"] / "tokenizer.json", ctx.out / "tokenizer.json")
 
         tokenizer = AutoTokenizer.from_pretrained(ctx.inputs["model"])
@@ -120,14 +125,15 @@ class GeniePackage(ShipsTemplates, Stage):
             + "".join(f"{name}\t$QNN_SDK_ROOT/{rel}\t{'copied' if name in copied else 'ADD'}\n"
                       for name, rel in p["libraries"].items()))
         values = dict(p, recipe=ctx.recipe_name, prompts={n: n < p["context_length"] for n in prompts},
-                      missing=missing, shared_bin=SHARED_BIN)
+                      missing=missing, shared_bin=SHARED_BIN, binary=binary)
         run_sh = ctx.out / "run.sh"
         run_sh.write_text(render("genie/run.sh.j2", **values))
         os.chmod(run_sh, 0o755)
         (ctx.out / "README.md").write_text(render("genie/README.md.j2", **values))
-        (ctx.out / "package.json").write_text(json.dumps({"prompts": {n: len(tokenizer(t, add_special_tokens=False)[
-            "input_ids"]) for n, t in prompts.items()}, "sdk_libraries_copied": copied, "sdk_libraries_missing": missing},
-            indent=2) + "\n")
+        (ctx.out / "package.json").write_text(json.dumps({
+            "binary": binary,  # as libQnnSystem reads it back (qnn.compile checked it against the recipe)
+            "prompts": {n: len(tokenizer(t, add_special_tokens=False)["input_ids"]) for n, t in prompts.items()},
+            "sdk_libraries_copied": copied, "sdk_libraries_missing": missing}, indent=2) + "\n")
         ctx.log.info(f"genie.package: {len(prompts)} prompt files, SDK libraries "
                      + (f"copied from {p['sdk']}" if copied else f"to add: {', '.join(missing)}"))
 
