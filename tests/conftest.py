@@ -22,6 +22,7 @@ class Project:
     """An isolated Kiln setup: recipes/, artifacts/ and a store under tmp."""
 
     dir: Path
+    shared_store: Path | None = None  # a store several tests reuse (see tiny_htp_project)
 
     @property
     def recipes(self) -> Path:
@@ -33,7 +34,7 @@ class Project:
 
     @property
     def store(self) -> Path:
-        return self.dir / "store"
+        return self.shared_store or self.dir / "store"
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
@@ -123,6 +124,20 @@ def tiny_project(project: Project, tiny_model_dir: Path) -> Project:
     return project
 
 
+@pytest.fixture(scope="session")
+def htp_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("htp_store")
+
+
+@pytest.fixture
+def tiny_htp_project(tiny_project: Project, htp_store: Path) -> Project:
+    """`tiny_project` with a store shared by the Qualcomm-path tests: the tiny model's export and
+    quantize entries are built once per session (their keys match across tests), as a team's
+    shared store would serve them."""
+    tiny_project.shared_store = htp_store
+    return tiny_project
+
+
 def fake_hf_cache(root: Path, repo_id: str, kind: str, files: dict[str, bytes]) -> str:
     """Lay files out the way huggingface_hub caches a download: blobs named by sha256."""
     import hashlib
@@ -143,10 +158,11 @@ def fake_hf_cache(root: Path, repo_id: str, kind: str, files: dict[str, bytes]) 
 
 
 def tiny_htp_recipe(stages: dict[str, str] | None = None, *, scheme: str = "w8a16_kv8", algorithm: str = "rtn",
-                    target: str = "sm8750") -> str:
+                    target: str = "sm8750", scheme_extra: str = "") -> str:
     """A recipe over `tiny` for the Qualcomm path, small enough for tests: context 64, AR-16 + AR-1,
-    short calibration; `stages` adds `name: {flow mapping}` lines."""
+    short calibration; `stages` adds `name: {flow mapping}` lines, `scheme_extra` scheme keys."""
     lines = {"quantize": "{calibration_samples: 2, calibration_tokens: 16, eval_windows: 2}", **(stages or {})}
+    extra = f", {scheme_extra}" if scheme_extra else ""
     return (f"extends: tiny\ntarget: {target}\ncontext_length: 64\nar_lengths: [16, 1]\n"
-            f"scheme: {{use: {scheme}, algorithm: {algorithm}}}\nstages:\n"
+            f"scheme: {{use: {scheme}, algorithm: {algorithm}{extra}}}\nstages:\n"
             + "".join(f"  {name}: {value}\n" for name, value in lines.items()))

@@ -19,16 +19,16 @@ LIBS = ["genie-t2t-run", "libGenie.so", "libQnnHtp.so", "libQnnHtpNetRunExtensio
         "libQnnHtpV79Stub.so", "libQnnSystem.so"]
 
 
-def test_bundle_is_the_seed_layout_and_sdk_libraries_come_from_qnn_sdk_root(tiny_project, tmp_path):
-    tiny_project.write("tq.yaml", RECIPE)
-    tiny_project.doit("recipe=tq", "tq:bundle")
-    to_device = tiny_project.artifacts / "tq" / "bundle" / "to_device"
+def test_bundle_is_the_seed_layout_and_sdk_libraries_come_from_qnn_sdk_root(tiny_htp_project, tmp_path):
+    tiny_htp_project.write("tq.yaml", RECIPE)
+    tiny_htp_project.doit("recipe=tq", "tq:bundle")
+    to_device = tiny_htp_project.artifacts / "tq" / "bundle" / "to_device"
     files = {p.relative_to(to_device).as_posix() for p in to_device.rglob("*") if p.is_file()}
     assert {"models/weight_sharing_model_1_of_1.serialized.bin", "models/tiny-llama_ar16_cl64.onnx",
             "htp-model-config-tiny-llama.json", "htp_backend_ext_config.json", "tokenizer.json",
             "lprompt_16.txt", "lprompt_100.txt", "run.sh", "SDK_LIBRARIES.txt", "manifest.json"} <= files
     assert not any(f.startswith("unshared/") or f.endswith("_qnn.bin") for f in files)  # simulator-only binaries
-    package = json.loads((tiny_project.artifacts / "tq" / "genie.package" / "package.json").read_text())
+    package = json.loads((tiny_htp_project.artifacts / "tq" / "genie.package" / "package.json").read_text())
     assert package["prompts"] == {"16": 16, "100": 100}
     assert package["binary"]["soc_model"] == 69 and sorted(g["ar"] for g in package["binary"]["graphs"].values()) == [1, 16]
     assert "soc model 69, HTP v79" in (to_device / "README.md").read_text()
@@ -49,9 +49,9 @@ def test_bundle_is_the_seed_layout_and_sdk_libraries_come_from_qnn_sdk_root(tiny
         (sdk / rel).parent.mkdir(parents=True, exist_ok=True)
         (sdk / rel).write_bytes(f"stand-in for {name}".encode())
     path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"
-    tiny_project.write("tq.yaml", RECIPE.replace("qnn.compile: {finalization_level: 1}",
+    tiny_htp_project.write("tq.yaml", RECIPE.replace("qnn.compile: {finalization_level: 1}",
                                                  "qnn.compile: {finalization_level: 1, provider: ort-qnn}"))
-    tiny_project.doit("recipe=tq", "tq:bundle", QNN_SDK_ROOT=str(sdk), PATH=path)
+    tiny_htp_project.doit("recipe=tq", "tq:bundle", QNN_SDK_ROOT=str(sdk), PATH=path)
     assert (to_device / "libQnnHtpV79Skel.so").read_bytes() == b"stand-in for libQnnHtpV79Skel.so"
     assert "Copied from QNN_SDK_ROOT" in (to_device / "SDK_LIBRARIES.txt").read_text()
     manifest = json.loads((to_device / "manifest.json").read_text())

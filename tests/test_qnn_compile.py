@@ -22,10 +22,10 @@ def built(out: str) -> list[str]:
     return re.findall(r"kiln: \S+:(\S+): built ", out)
 
 
-def test_qnn_compile_shared_and_unshared_then_soc_change_recompiles_only(tiny_project):
-    tiny_project.write("tq.yaml", RECIPE.replace("SOC", "sm8750"))
-    tiny_project.doit("recipe=tq", "tq:qnn.compile")
-    out = tiny_project.artifacts / "tq" / "qnn.compile"
+def test_qnn_compile_shared_and_unshared_then_soc_change_recompiles_only(tiny_htp_project):
+    tiny_htp_project.write("tq.yaml", RECIPE.replace("SOC", "sm8750"))
+    tiny_htp_project.doit("recipe=tq", "tq:qnn.compile")
+    out = tiny_htp_project.artifacts / "tq" / "qnn.compile"
     report = json.loads((out / "compile.json").read_text())
     assert report["problems"] == []
     shared = report["binaries"]["shared/weight_sharing_model_1_of_1.serialized.bin"]
@@ -51,22 +51,22 @@ def test_qnn_compile_shared_and_unshared_then_soc_change_recompiles_only(tiny_pr
     assert len(kv) == 4 and len(set(kv.values())) == 1
     assert one["inputs"][0]["shape"] == [1, 1]
 
-    simulator_matches_cpu(tiny_project, out, big)
+    simulator_matches_cpu(tiny_htp_project, out, big)
 
-    tiny_project.write("tq.yaml", RECIPE.replace("SOC", "sm8650"))
-    assert built(tiny_project.doit("recipe=tq", "tq:qnn.compile").stdout) == ["qnn.compile"]
+    tiny_htp_project.write("tq.yaml", RECIPE.replace("SOC", "sm8650"))
+    assert built(tiny_htp_project.doit("recipe=tq", "tq:qnn.compile").stdout) == ["qnn.compile"]
     report = json.loads((out / "compile.json").read_text())
     assert report["binaries"]["shared/weight_sharing_model_1_of_1.serialized.bin"]["soc_model"] == 57
     assert report["htp_arch"] == 75
 
 
-def simulator_matches_cpu(tiny_project, out: Path, io: dict) -> None:
+def simulator_matches_cpu(tiny_htp_project, out: Path, io: dict) -> None:
     """The unshared AR-16 binary on the x86 HTP simulator vs the CPU QDQ graph, on the export's test
     vectors quantized to the device I/O."""
     from pipeline.onnx_check import ort_session
     from pipeline.ort_qnn import simulator_session
 
-    vectors = np.load(tiny_project.artifacts / "tq" / "export.onnx@ar16" / "test_vectors.npz")
+    vectors = np.load(tiny_htp_project.artifacts / "tq" / "export.onnx@ar16" / "test_vectors.npz")
     feed_q, feed_f = {}, {}
     for t in io["inputs"]:
         v = vectors[f"in.{t['name']}"]
@@ -78,7 +78,7 @@ def simulator_matches_cpu(tiny_project, out: Path, io: dict) -> None:
         feed_q[t["name"]] = np.clip(np.rint(v / t["scale"]) + t["zero_point"], info.min, info.max).astype(t["dtype"])
         feed_f[t["name"]] = ((feed_q[t["name"]].astype(np.float32) - t["zero_point"]) * t["scale"]).astype(np.float32)
     htp = simulator_session(out / "unshared" / "tiny-llama_ar16_cl64.onnx", 69, 79).run(None, feed_q)
-    cpu = ort_session(tiny_project.artifacts / "tq" / "quantize" / "tiny-llama_ar16_cl64.qdq.onnx").run(None, feed_f)
+    cpu = ort_session(tiny_htp_project.artifacts / "tq" / "quantize" / "tiny-llama_ar16_cl64.qdq.onnx").run(None, feed_f)
     for t, h, c in zip(io["outputs"], htp, cpu):
         h = (h.astype(np.float32) - t["zero_point"]) * t["scale"]
         cos = float((h * c).sum() / (np.linalg.norm(h) * np.linalg.norm(c)))
@@ -87,7 +87,7 @@ def simulator_matches_cpu(tiny_project, out: Path, io: dict) -> None:
             assert (h.argmax(-1) == c.argmax(-1)).mean() == 1.0
 
 
-def test_qairt_provider_runs_the_sdk_tools_and_checks_what_they_wrote(tiny_project, tmp_path):
+def test_qairt_provider_runs_the_sdk_tools_and_checks_what_they_wrote(tiny_htp_project, tmp_path):
     """With the doubles standing in for the QAIRT SDK: the stage converts each float graph with the
     encodings as overrides, quantizes, generates one weight-shared binary — and its libQnnSystem check
     refuses the doubles' stand-in binary, as it would any file that is not a context binary."""
@@ -98,9 +98,9 @@ def test_qairt_provider_runs_the_sdk_tools_and_checks_what_they_wrote(tiny_proje
 
     sdk = make_fake_sdk(tmp_path / "qairt" / "2.39.0.250926")
     log = tmp_path / "doubles.jsonl"
-    tiny_project.write("tq.yaml", RECIPE.replace("SOC", "sm8750").replace("{finalization_level: 1}",
+    tiny_htp_project.write("tq.yaml", RECIPE.replace("SOC", "sm8750").replace("{finalization_level: 1}",
                                                                           "{finalization_level: 1, provider: qairt}"))
-    done = tiny_project.doit("recipe=tq", "tq:qnn.compile", check=False, QNN_SDK_ROOT=str(sdk),
+    done = tiny_htp_project.doit("recipe=tq", "tq:qnn.compile", check=False, QNN_SDK_ROOT=str(sdk),
                              QAIRT_DOUBLE_LOG=str(log),
                              PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
     assert done.returncode != 0
@@ -116,10 +116,10 @@ def test_qairt_provider_runs_the_sdk_tools_and_checks_what_they_wrote(tiny_proje
     assert len(generate[generate.index("--dlc_path") + 1].split(",")) == 2
 
 
-def test_qairt_provider_without_the_sdk_says_what_to_install(tiny_project):
-    tiny_project.write("tq.yaml", RECIPE.replace("SOC", "sm8750").replace("{finalization_level: 1}",
+def test_qairt_provider_without_the_sdk_says_what_to_install(tiny_htp_project):
+    tiny_htp_project.write("tq.yaml", RECIPE.replace("SOC", "sm8750").replace("{finalization_level: 1}",
                                                                           "{provider: qairt}"))
-    done = tiny_project.doit("list", "recipe=tq", check=False, QNN_SDK_ROOT="")
+    done = tiny_htp_project.doit("list", "recipe=tq", check=False, QNN_SDK_ROOT="")
     assert done.returncode != 0
     message = done.stdout + done.stderr
     assert "QNN_SDK_ROOT is not set" in message and "QAIRT SDK" in message and "provider: ort-qnn" in message

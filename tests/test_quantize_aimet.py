@@ -11,23 +11,16 @@ import pytest
 from pipeline.errors import KilnError
 from pipeline.quant import encodings
 from pipeline.quant.encodings import Encoding
+from tests.conftest import tiny_htp_recipe
 
-RECIPE = """\
-extends: tiny
-target: sm8750
-context_length: 64
-ar_lengths: [16, 1]
-scheme: {use: w4a16_kv8, engine: aimet, algorithm: ALGO, activations: {bits: 16, float16_outlier_ratio: null}}
-stages:
-  quantize: {calibration_samples: 2, calibration_tokens: 16, eval_windows: 2}
-"""
+RECIPE = tiny_htp_recipe(scheme="w4a16_kv8", algorithm="ALGO", scheme_extra="engine: aimet")
 
 
 @pytest.mark.parametrize("algorithm", ["rtn", "seqmse"])
-def test_aimet_engine_encodings_validate_and_qdq_matches_aimet_sim(tiny_project, algorithm):
-    tiny_project.write("ta.yaml", RECIPE.replace("ALGO", algorithm))
-    tiny_project.doit("recipe=ta", "ta:quantize")
-    out = tiny_project.artifacts / "ta" / "quantize"
+def test_aimet_engine_encodings_validate_and_qdq_matches_aimet_sim(tiny_htp_project, algorithm):
+    tiny_htp_project.write("ta.yaml", RECIPE.replace("ALGO", algorithm))
+    tiny_htp_project.doit("recipe=ta", "ta:quantize")
+    out = tiny_htp_project.artifacts / "ta" / "quantize"
     report = json.loads((out / "quantize.json").read_text())
     assert report["engine"] == "aimet" and report["algorithm"] == algorithm
     assert 1 < report["ppl_float"] and 1 < report["ppl_sim"]

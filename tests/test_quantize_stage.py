@@ -15,17 +15,17 @@ def built(out: str) -> list[str]:
     return re.findall(r"kiln: \S+:(\S+): built ", out)
 
 
-def test_quantize_stage_outputs_then_algorithm_change_reruns_only_quantize(tiny_project):
-    tiny_project.write("tq.yaml", RECIPE.replace("ALGO", "rtn"))
-    tiny_project.doit("recipe=tq", "tq:quantize")
-    check_outputs(tiny_project, "rtn")
+def test_quantize_stage_outputs_then_algorithm_change_reruns_only_quantize(tiny_htp_project):
+    tiny_htp_project.write("tq.yaml", RECIPE.replace("ALGO", "rtn"))
+    tiny_htp_project.doit("recipe=tq", "tq:quantize")
+    check_outputs(tiny_htp_project, "rtn")
     for before, algorithm in (("rtn", "seqmse"), ("seqmse", "gptq")):
-        tiny_project.write("tq.yaml", RECIPE.replace("ALGO", algorithm))
-        explain = tiny_project.doit("explain", "recipe=tq").stdout
+        tiny_htp_project.write("tq.yaml", RECIPE.replace("ALGO", algorithm))
+        explain = tiny_htp_project.doit("explain", "recipe=tq").stdout
         assert re.search(r"tq:export.onnx@ar16 \[\w+…\]: up to date", explain)
         assert f'params.algorithm: "{before}" → "{algorithm}"' in explain
-        assert built(tiny_project.doit("recipe=tq", "tq:quantize").stdout) == ["quantize"]
-        check_outputs(tiny_project, algorithm)
+        assert built(tiny_htp_project.doit("recipe=tq", "tq:quantize").stdout) == ["quantize"]
+        check_outputs(tiny_htp_project, algorithm)
 
 
 def check_outputs(tiny_project, algorithm: str) -> None:
@@ -66,12 +66,12 @@ def test_encodings_061_with_per_block_weights_is_refused_at_plan_time(tiny_proje
                      r"of scheme 'w4a16_kv8'; use 1.0.0", proc.stdout + proc.stderr)
 
 
-def test_qdq_sim_gap_above_tolerance_fails_and_publishes_nothing(tiny_project):
-    tiny_project.write("tq.yaml", RECIPE.replace("ALGO", "rtn").replace(
+def test_qdq_sim_gap_above_tolerance_fails_and_publishes_nothing(tiny_htp_project):
+    tiny_htp_project.write("tq.yaml", RECIPE.replace("ALGO", "rtn").replace(
         "eval_windows: 2", "eval_windows: 2, max_qdq_sim_gap_pct: 0.000001, encodings_version: '0.6.1'").replace(
         "use: w4a16_kv8", "use: w8a16_kv8"))
-    proc = tiny_project.doit("recipe=tq", "tq:quantize", check=False)
+    proc = tiny_htp_project.doit("recipe=tq", "tq:quantize", check=False)
     assert proc.returncode != 0
     assert re.search(r"quantize: the QDQ ONNX \(PPL [\d.]+\) and the kiln sim \(PPL [\d.]+\) differ by [-+][\d.]+%, "
                      r"more than max_qdq_sim_gap_pct 1e-06", proc.stdout + proc.stderr)
-    assert not (tiny_project.artifacts / "tq" / "quantize").exists()
+    assert not (tiny_htp_project.artifacts / "tq" / "quantize").exists()

@@ -15,10 +15,10 @@ RECIPE = tiny_htp_recipe({"qnn.compile": "{finalization_level: 1}", "verify.htp"
     '{text_tokens: 20, decode_steps: 2, prompts: ["w1 w2 w3 w4"], max_new_tokens: 3, match_tokens: 2}')})
 
 
-def test_simulator_and_genie_agree_with_the_float_model(tiny_project):
-    tiny_project.write("tv.yaml", RECIPE)
-    tiny_project.doit("recipe=tv", "tv:verify.htp")
-    out = tiny_project.artifacts / "tv" / "verify.htp"
+def test_simulator_and_genie_agree_with_the_float_model(tiny_htp_project):
+    tiny_htp_project.write("tv.yaml", RECIPE)
+    tiny_htp_project.doit("recipe=tv", "tv:verify.htp")
+    out = tiny_htp_project.artifacts / "tv" / "verify.htp"
     report = json.loads((out / "verify.json").read_text())
     n = report["numerics"]
     assert n["tokens"] == 21 and n["decode_steps"] == 2  # BOS + 20: two AR-16 prefill steps, then AR-1
