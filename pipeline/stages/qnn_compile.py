@@ -133,7 +133,7 @@ class QnnCompile(GraphStage):
             found = _match_graphs(info, io, want)
             problems += [f"{rel}: {m}" for m in check_binary(info, p["soc_model"], found)]
             binaries[rel] = {"bytes": b.stat().st_size, "soc_model": info.get("soc_model"),
-                             "graphs": {g["name"]: {"ar": _ar_of(g, io)} for g in info["graphs"]}, "info": info}
+                             "graphs": {g["name"]: {"ar": _ar_of(g)} for g in info["graphs"]}, "info": info}
         report = {"provider": p["provider"], "soc": p["soc"], "soc_model": p["soc_model"], "htp_arch": p["htp_arch"],
                   "provider_options": provider, "seconds": timings, "binaries": binaries, "problems": problems}
         (ctx.out / "io.json").write_text(json.dumps(io, indent=2) + "\n")
@@ -179,7 +179,7 @@ def _rename_shared_binary(shared: Path) -> None:
         onnx.save(model, str(model_path))
 
 
-def _ar_of(graph: dict[str, Any], io: dict[str, Any]) -> int | None:
+def _ar_of(graph: dict[str, Any]) -> int | None:
     """A binary graph's AR length: the token count of its `input_ids` (ORT names graphs by hash)."""
     ids = next((t for t in graph["inputs"] if t["name"] == "input_ids"), None)
     return ids["dims"][-1] if ids else None
@@ -188,7 +188,7 @@ def _ar_of(graph: dict[str, Any], io: dict[str, Any]) -> int | None:
 def _match_graphs(info: dict[str, Any], io: dict[str, Any], want: dict[str, Any]) -> dict[str, Any]:
     """Expected I/O keyed by the binary's own graph names, matched on AR length."""
     by_ar = {io[g]["ar"]: e for g, e in want.items()}
-    found = {g["name"]: by_ar.pop(_ar_of(g, io)) for g in info["graphs"] if _ar_of(g, io) in by_ar}
+    found = {g["name"]: by_ar.pop(_ar_of(g)) for g in info["graphs"] if _ar_of(g) in by_ar}
     # what no binary graph matched is reported missing under its ONNX name
     found.update({g: e for g, e in want.items() if io[g]["ar"] in by_ar})
     return found
