@@ -1,7 +1,6 @@
 """Helpers shared by the llama.cpp stages (seed 001 path)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,11 +36,6 @@ def gguf_in(directory: Path) -> Path:
 
 def host_tool(ctx: "StageContext", name: str) -> Path:
     return ctx.inputs[HOST_BUILD] / "bin" / name
-
-
-def threads() -> str:
-    """Threads for llama.cpp tools: not part of any key (results do not depend on it)."""
-    return os.environ.get("KILN_JOBS") or str(os.cpu_count() or 2)
 
 
 def gguf_name(model_name: str, gguf_type: str) -> str:

@@ -26,3 +26,8 @@ def run_tool(argv: list[str | Path], *, env: dict[str, str] | None = None, cwd: 
         tail = "" if not capture else "\n" + "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise KilnError(f"{Path(args[0]).name} exited with {proc.returncode}{tail}")
     return proc
+
+
+def threads() -> str:
+    """Threads for host tools (llama.cpp, MNN): not part of any key (results do not depend on it)."""
+    return os.environ.get("KILN_JOBS") or str(os.cpu_count() or 2)

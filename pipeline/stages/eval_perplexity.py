@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import KilnError
-from ..llamacpp import HOST_BUILD, LlamacppStage, float_gguf_node, gguf_in, gguf_types, host_tool, quant_node, threads
-from ..proc import run_tool
+from ..llamacpp import HOST_BUILD, LlamacppStage, float_gguf_node, gguf_in, gguf_types, host_tool, quant_node
+from ..proc import run_tool, threads
 from ..stage import StageContext
 
 if TYPE_CHECKING:

@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..llamacpp import HOST_BUILD, LlamacppStage, float_gguf_node, gguf_in, host_tool, threads
-from ..proc import run_tool
+from ..llamacpp import HOST_BUILD, LlamacppStage, float_gguf_node, gguf_in, host_tool
+from ..proc import run_tool, threads
 from ..stage import StageContext
 
 if TYPE_CHECKING:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..llamacpp import HOST_BUILD, PerQuantType, float_gguf_node, gguf_in, gguf_name, host_tool, threads
-from ..proc import run_tool
+from ..llamacpp import HOST_BUILD, PerQuantType, float_gguf_node, gguf_in, gguf_name, host_tool
+from ..proc import run_tool, threads
 from ..stage import NoParams, StageContext
 
 if TYPE_CHECKING:

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import KilnError
-from ..llamacpp import PerQuantType, device_build, gguf_in, quant_node, threads
-from ..proc import run_tool
+from ..llamacpp import PerQuantType, device_build, gguf_in, quant_node
+from ..proc import run_tool, threads
 from ..stage import StageContext
 
 if TYPE_CHECKING:
