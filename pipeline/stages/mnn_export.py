@@ -5,10 +5,12 @@ Quantization comes from the scheme: weights.bits (4 or 8) → --quant_bit, per-b
 per-channel (0) → --quant_block, symmetric → --sym. llmexport runs in Kiln's sandbox (no network,
 no pip: MNN's tools try both), as a script so its own package dir is on sys.path (`python -m
 llmexport` fails with `No module named 'utils'`). Its exit code is not trusted: the outputs and its
-log are checked. Two of its quirks are handled here:
+log are checked. Three of its quirks are handled here:
 - a block size that does not divide the hidden size makes it quantize the tied embedding with
   another block than llm_config.json records, and the model emits garbage (FACTS.md): refused
   before the export, unless `seperate_embed` keeps the embedding out of quantization;
+- a WordLevel/WordPiece tokenizer is exported as its special tokens alone (MNN then crashes):
+  refused;
 - llm.mnn carries a random `mnn_uuid`: replaced by one derived from the stage key, so the same
   inputs give the same bytes.
 `config.json` (runtime settings) is not this stage's: mnn.config renders it.
@@ -68,6 +70,17 @@ def check_block(p: dict[str, Any], config: dict[str, Any]) -> None:
             f"records, and the exported model emits garbage. Use a block size that divides {hidden} "
             f"({', '.join(map(str, divisors(hidden)[:6]))}, ...), per-channel weights, or set "
             f"`stages.mnn.export.seperate_embed: true`.")
+
+
+def check_tokenizer(model_dir: Path) -> None:
+    """llmexport writes BPE and SentencePiece vocabularies; for others it writes a tokenizer.mtok
+    with the special tokens only, and MNN's engine crashes (SIGSEGV) loading it."""
+    if (model_dir / "tokenizer.model").exists() or not (model_dir / "tokenizer.json").exists():
+        return
+    kind = json.loads((model_dir / "tokenizer.json").read_text()).get("model", {}).get("type")
+    if kind not in ("BPE", "Unigram", None):
+        raise KilnError(f"{model_dir / 'tokenizer.json'}: a {kind} tokenizer: llmexport exports BPE and SentencePiece "
+                        f"tokenizers only (it would write the special tokens alone, and MNN crashes loading them)")
 
 
 def set_uuid(mnn_file: Path, key: str) -> str:
@@ -132,6 +145,7 @@ class MnnExport(Stage):
         p = ctx.params
         model_dir = ctx.inputs["model"]
         check_block(p, json.loads((model_dir / "config.json").read_text()))
+        check_tokenizer(model_dir)
         work = ctx.out / "_work"
         work.mkdir()
         flags = quant_flags(p)

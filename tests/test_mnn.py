@@ -1,0 +1,126 @@
+"""MNN path: the block-size check, config.json rendering, and the stages on the tiny Llama —
+export (sandboxed llmexport), config, verify with MNN's engine — with a thread_num tweak
+rerunning only mnn.config and the bundle."""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+import pytest
+
+from pipeline.errors import KilnError
+from pipeline.mnn import render_config
+from pipeline.stages.mnn_config import MnnConfigParams
+from pipeline.stages.mnn_export import check_block
+
+pytest.importorskip("MNN")
+
+SMOLLM2 = {"hidden_size": 576, "tie_word_embeddings": True}
+
+
+def block_params(block: int, seperate_embed: bool = False) -> dict:
+    return {"recipe": "r", "model": "SmolLM2", "quant_block": block, "seperate_embed": seperate_embed}
+
+
+def test_block_size_must_divide_the_hidden_size_of_a_tied_model():
+    with pytest.raises(KilnError, match=r"block_size 128 does not divide SmolLM2's hidden_size 576.*"
+                                        r"\(16, 18, 24, 32, 36, 48, \.\.\.\).*seperate_embed: true"):
+        check_block(block_params(128), SMOLLM2)
+    check_block(block_params(64), SMOLLM2)
+    check_block(block_params(0), SMOLLM2)  # per-channel
+    check_block(block_params(128, seperate_embed=True), SMOLLM2)
+    check_block(block_params(128), {**SMOLLM2, "tie_word_embeddings": False})
+
+
+def test_config_renders_every_runtime_setting():
+    config = render_config(MnnConfigParams().model_dump(mode="json"))
+    assert config["llm_model"] == "llm.mnn" and config["llm_weight"] == "llm.mnn.weight"
+    assert config["tokenizer_file"] == "tokenizer.mtok"
+    assert {k: config[k] for k in ("backend_type", "thread_num", "precision", "memory", "max_new_tokens", "reuse_kv",
+                                   "quant_qkv", "use_mmap", "kvcache_mmap", "sampler_type")} == \
+        {"backend_type": "cpu", "thread_num": 4, "precision": "low", "memory": "low", "max_new_tokens": 512,
+         "reuse_kv": False, "quant_qkv": 0, "use_mmap": False, "kvcache_mmap": False, "sampler_type": "mixed"}
+    assert "tmp_path" not in config
+    tuned = MnnConfigParams(backend_type="opencl", thread_num=68, use_mmap=True, tmp_path="/data/local/tmp/mnn",
+                            quant_qkv=3, sampler={"type": "topP", "top_p": 0.7})
+    config = render_config(tuned.model_dump(mode="json"))
+    assert (config["backend_type"], config["thread_num"], config["tmp_path"], config["quant_qkv"]) == \
+        ("opencl", 68, "/data/local/tmp/mnn", 3)
+    assert (config["sampler_type"], config["top_p"]) == ("topP", 0.7)
+    with pytest.raises(ValueError, match="need tmp_path"):
+        MnnConfigParams(kvcache_mmap=True)
+
+
+RECIPE = """\
+model: {name: tiny-bpe, hf_dir: MODEL}
+target: mnn_arm
+scheme: {use: mnn_int4_b64, weights: {bits: 4, granularity: per-block, block_size: BLOCK, symmetric: false}}
+stages:
+  mnn.config: {thread_num: THREADS}
+  verify.mnn: {chat: The capital of Germany is, chat_tokens: 4, min_cosine: 0.5, match_tokens: 1}
+"""
+
+
+def stage_keys(project, recipe: str) -> dict[str, str]:
+    listing = project.doit("list", f"recipe={recipe}").stdout
+    return dict(re.findall(rf"^{recipe}:(\S+)\s+stage \S+ \(key (\w+)…\)", listing, re.M))
+
+
+def recipe(model_dir, block: int, threads: int) -> str:
+    return RECIPE.replace("MODEL", str(model_dir)).replace("BLOCK", str(block)).replace("THREADS", str(threads))
+
+
+def test_stages_on_the_tiny_llama_and_a_thread_tweak_reruns_only_the_config(tiny_project, tiny_bpe_model_dir, htp_store):
+    tiny_project.shared_store = htp_store  # the tiny models' model stage, built once per session
+    tiny_project.write("tm.yaml", recipe(tiny_bpe_model_dir, 64, 4))
+    tiny_project.doit("recipe=tm")
+    out = tiny_project.artifacts / "tm"
+    export = json.loads((out / "mnn.export" / "export.json").read_text())
+    keys = stage_keys(tiny_project, "tm")
+    assert export["uuid"] == str(uuid.uuid5(uuid.NAMESPACE_URL, f"kiln:{full_key(tiny_project, keys['mnn.export'])}"))
+    assert export["flags"][:4] == ["--quant_bit", "4", "--quant_block", "64"]
+    import MNN
+
+    assert MNN.get_model_uuid(str(out / "mnn.export" / "llm.mnn")) == export["uuid"]
+    verify = json.loads((out / "verify.mnn" / "verify.json").read_text())
+    assert verify["logits_cosine"] >= 0.5 and verify["matching_prefix"] >= 1 and verify["decode_tokens_per_s"] > 0
+    to_device = out / "bundle" / "to_device"
+    assert json.loads((to_device / "config.json").read_text())["thread_num"] == 4
+    assert {"llm.mnn", "llm.mnn.weight", "tokenizer.mtok", "llm_config.json", "report"} <= {p.name for p in to_device.iterdir()}
+
+    tiny_project.write("tm.yaml", recipe(tiny_bpe_model_dir, 64, 2))
+    after = stage_keys(tiny_project, "tm")
+    assert {s for s in keys if keys[s] != after[s]} == {"mnn.config", "bundle"}
+    built = re.findall(r"kiln: \S+:(\S+): built ", tiny_project.doit("recipe=tm").stdout)
+    assert built == ["mnn.config", "bundle"]
+    assert json.loads((to_device / "config.json").read_text())["thread_num"] == 2
+
+
+def full_key(project, prefix: str) -> str:
+    return next(p.name for p in (project.store / "entries" / prefix[:2]).iterdir() if p.name.startswith(prefix))
+
+
+def test_a_block_breaking_tied_embeddings_or_a_wordlevel_tokenizer_is_refused_before_the_export(
+        tiny_project, tiny_bpe_model_dir, tiny_model_dir, htp_store):
+    tiny_project.shared_store = htp_store
+    tiny_project.write("tb.yaml", recipe(tiny_bpe_model_dir, 48, 4))
+    failed = tiny_project.doit("recipe=tb", check=False)
+    assert failed.returncode != 0
+    assert "scheme.weights.block_size 48 does not divide tiny-bpe's hidden_size 64" in failed.stdout + failed.stderr
+    assert not (tiny_project.artifacts / "tb" / "mnn.export").exists()
+    tiny_project.write("tw.yaml", recipe(tiny_model_dir, 64, 4))
+    failed = tiny_project.doit("recipe=tw", check=False)
+    assert failed.returncode != 0
+    assert re.search(r"tokenizer.json: a WordLevel tokenizer: llmexport exports BPE and SentencePiece tokenizers only",
+                     failed.stdout + failed.stderr)
+    assert not (tiny_project.artifacts / "tw" / "mnn.export").exists()
+
+
+def test_a_scheme_llmexport_cannot_do_is_refused_at_plan_time(tiny_project):
+    tiny_project.write("t2.yaml", "extends: tiny\ntarget: mnn_arm\nscheme: {use: mnn_int4_b64, weights: {bits: 2}, "
+                                  "algorithm: gptq}\n")
+    failed = tiny_project.doit("list", "recipe=t2", check=False)
+    assert failed.returncode != 0
+    assert re.search(r"t2.yaml:3: scheme 'mnn_int4_b64' for MNN: weights.bits 2 .*; algorithm gptq",
+                     failed.stdout + failed.stderr)
