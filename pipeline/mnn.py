@@ -85,9 +85,11 @@ class MnnLlm:
         return Greedy(tokens, last, t1 - t0, t2 - t1)
 
     def response(self, prompt: str, max_new_tokens: int) -> str:
-        """The chat answer (MNN applies the export's chat template), greedy."""
+        """The chat answer (MNN applies the export's chat template), sampled as config.json says:
+        the sampler is built at load, so set_config cannot switch it (a greedy check needs
+        `sampler_type: greedy` in the config it loads)."""
         self.llm.reset()
-        self.llm.set_config({"sampler_type": "greedy", "max_new_tokens": max_new_tokens})
+        self.llm.set_config({"max_new_tokens": max_new_tokens})
         text = self.llm.response(prompt)
         self.llm.reset()
         return text

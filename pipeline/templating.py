@@ -1,6 +1,7 @@
 """Jinja rendering, sandboxed with StrictUndefined (a missing value is an error, not '')."""
 from __future__ import annotations
 
+import shlex
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,8 +20,11 @@ def environment(root: Path = TEMPLATES) -> "SandboxedEnvironment":
     from jinja2 import FileSystemLoader, StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
 
-    return SandboxedEnvironment(loader=FileSystemLoader(str(root)), undefined=StrictUndefined,
-                                keep_trailing_newline=True, autoescape=False)
+    env = SandboxedEnvironment(loader=FileSystemLoader(str(root)), undefined=StrictUndefined,
+                               keep_trailing_newline=True, autoescape=False)
+    # Recipe values rendered into shell scripts (run.sh) go through `| shquote`: one word, never code.
+    env.filters["shquote"] = shlex.quote
+    return env
 
 
 def render(template: str, **values: Any) -> str:

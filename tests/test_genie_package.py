@@ -35,7 +35,8 @@ def test_bundle_is_the_seed_layout_and_sdk_libraries_come_from_qnn_sdk_root(tiny
     assert sorted(package["sdk_libraries_missing"]) == LIBS
     run_sh = (to_device / "run.sh").read_text()
     subprocess.run(["sh", "-n", str(to_device / "run.sh")], check=True)
-    assert "./genie-t2t-run -c ./htp-model-config-tiny-llama.json -p 'The capital of France is'" in run_sh
+    assert "./genie-t2t-run -c ./htp-model-config-tiny-llama.json --prompt_file prompt.txt" in run_sh
+    assert (to_device / "prompt.txt").read_text() == "The capital of France is"
     assert "--prompt_file lprompt_16.txt --profile perf_16.json" in run_sh
     assert "lprompt_100.txt: 100 tokens exceed this build's context (64); skipped" in run_sh
     assert "libQnnHtpV79Skel.so\t$QNN_SDK_ROOT/lib/hexagon-v79/unsigned/libQnnHtpV79Skel.so\tADD" in \

@@ -153,7 +153,10 @@ def test_stage_exports_and_verifies_the_tiny_llama_and_refuses_a_4bit_scheme(tin
     report = json.loads((out / "verify.kuiper" / "verify.json").read_text())
     assert report["layout"]["max_abs_diff_vs_hf_same_int8"] < 1e-5 and report["layout"]["top1_agreement"] == 1.0
     shipped = sorted(p.name for p in (out / "bundle" / "to_device").iterdir())
-    assert {"model_int8.bin", "kuiper.json", "tokenizer.json", "report"} <= set(shipped)
+    assert {"model_int8.bin", "kuiper.json", "tokenizer.json", "report", "README.md"} <= set(shipped)
+    readme = (out / "bundle" / "to_device" / "README.md").read_text()
+    assert "dim 64, hidden_dim 128, n_layers 2" in readme and "vocab_size 128" in readme
+    assert "RoPE theta 10000, what KuiperLLama's kernels use" in readme
 
     tiny_project.write("tk4.yaml", "extends: tiny\ntarget: kuiper\nscheme: mnn_int4_b64\n")
     failed = tiny_project.doit("recipe=tk4", "list", check=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import uuid
 
 import pytest
@@ -84,10 +85,15 @@ def test_stages_on_the_tiny_llama_and_a_thread_tweak_reruns_only_the_config(tiny
 
     assert MNN.get_model_uuid(str(out / "mnn.export" / "llm.mnn")) == export["uuid"]
     verify = json.loads((out / "verify.mnn" / "verify.json").read_text())
+    assert verify["runtime"]["sampler_type"] == "greedy"  # the answer in the README is reproducible
     assert verify["logits_cosine"] >= 0.5 and verify["matching_prefix"] >= 1 and verify["decode_tokens_per_s"] > 0
     to_device = out / "bundle" / "to_device"
     assert json.loads((to_device / "config.json").read_text())["thread_num"] == 4
-    assert {"llm.mnn", "llm.mnn.weight", "tokenizer.mtok", "llm_config.json", "report"} <= {p.name for p in to_device.iterdir()}
+    assert {"llm.mnn", "llm.mnn.weight", "tokenizer.mtok", "llm_config.json", "report", "run.sh"} <= \
+        {p.name for p in to_device.iterdir()}
+    subprocess.run(["sh", "-n", str(to_device / "run.sh")], check=True)
+    readme = (to_device / "README.md").read_text()
+    assert "4-bit weights, block 64, asymmetric" in readme and verify["chat"]["answer"].strip() in readme
 
     tiny_project.write("tm.yaml", recipe(tiny_bpe_model_dir, 64, 2))
     after = stage_keys(tiny_project, "tm")
@@ -124,3 +130,17 @@ def test_a_scheme_llmexport_cannot_do_is_refused_at_plan_time(tiny_project):
     assert failed.returncode != 0
     assert re.search(r"t2.yaml:3: scheme 'mnn_int4_b64' for MNN: weights.bits 2 .*; algorithm gptq",
                      failed.stdout + failed.stderr)
+
+
+def test_recipe_text_lands_in_run_sh_as_one_quoted_word(tmp_path):
+    from pipeline.templating import environment
+
+    nasty = "it's $(touch " + str(tmp_path / "pwned") + ") `id` \"q\""
+    script = environment().from_string('Q={{ v | shquote }}\nprintf %s "$Q"\n').render(v=nasty)
+    done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout == nasty and not (tmp_path / "pwned").exists()
+    for template in ("mnn/run.sh.j2", "llamacpp/run.sh.j2", "genie/run.sh.j2"):
+        from pipeline.templating import TEMPLATES
+
+        text = (TEMPLATES / template).read_text()
+        assert re.findall(r"\{\{ *(?:chat|verify\.prompt|prompt|device_dir) *\}\}", text) == [], template

@@ -37,7 +37,7 @@ class GeniePackageParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     prompt_tokens: list[int] = Field([1024, 4096], description="Long-prompt files to write, by exact token count "
                                      "(seed 000 profiles with 1024 and 4096).")
-    prompt: str = Field("The capital of France is", description="The prompt run.sh passes with -p.")
+    prompt: str = Field("The capital of France is", description="The prompt run.sh's chat answers (prompt.txt).")
     device_dir: str = Field("", description="Folder on the phone (default /data/local/tmp/<recipe>).")
 
 
@@ -57,7 +57,7 @@ class GeniePackage(ShipsTemplates, Stage):
     """models/, tokenizer, prompt files, run.sh and the SDK runtime libraries for the phone."""
 
     name = "genie.package"
-    version = 2  # 2: the binary's libQnnSystem metadata in package.json and README
+    version = 3  # 2: the binary's libQnnSystem metadata in package.json and README; 3: prompt.txt, not -p '...'
     templates_used = ("genie/run.sh.j2", "genie/README.md.j2")
     Params = GeniePackageParams
     tools = ("python", "jinja2", "transformers")
@@ -105,6 +105,7 @@ class GeniePackage(ShipsTemplates, Stage):
 
         tokenizer = AutoTokenizer.from_pretrained(ctx.inputs["model"])
         text = (ctx.inputs["text"] / "evaluation.txt").read_text()
+        (ctx.out / "prompt.txt").write_text(p["prompt"])  # a file, so no recipe text lands in run.sh
         prompts = {n: exact_prompt(tokenizer, text, n) for n in p["prompt_tokens"]}
         for n, prompt in prompts.items():
             (ctx.out / f"lprompt_{n}.txt").write_text(prompt)

@@ -42,7 +42,7 @@ class VerifyMnn(Stage):
     """MNN's engine vs the float model: logits cosine, greedy tokens, host tokens/s."""
 
     name = "verify.mnn"
-    version = 1
+    version = 2  # 2: greedy sampler in the config it loads (set_config cannot switch it after load)
     Params = VerifyMnnParams
     tools = ("python", "mnn", "torch", "transformers", "numpy")
     resource = "heavy"
@@ -77,8 +77,8 @@ class VerifyMnn(Stage):
         from ..proc import threads
 
         p = ctx.params
-        defaults = MnnConfig.Params().model_dump(mode="json")
-        config = host_config(render_config({**defaults, **p["runtime"]}), int(threads()))
+        greedy = MnnConfig.Params(sampler={"type": "greedy"}).model_dump(mode="json")
+        config = host_config(render_config({**greedy, **p["runtime"]}), int(threads()))
         llm = MnnLlm(assemble(ctx.inputs[MnnExport.name], config, ctx.out / "_run"))
         tokenizer = AutoTokenizer.from_pretrained(ctx.inputs["model"])
         ids = tokenizer(p["prompt"])["input_ids"]
