@@ -9,6 +9,7 @@ Two uses, both through ordinary onnxruntime sessions (FACTS.md, QNN section):
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +62,17 @@ def compile_graph(src: Path, ctx_model: Path, soc_model: int, htp_arch: int, pro
     and write the shared binary out."""
     import onnxruntime as ort
 
-    config = {"ep.context_enable": "1", "ep.context_file_path": str(ctx_model), "ep.context_embed_mode": "0"}
+    # Loaded by its bare file name from inside its folder: onnxruntime names the compiled graphs by a
+    # hash of the model's path, and the absolute one is a build's scratch dir, new every time; the
+    # file name is the same for the same graph (and differs between the graphs of a shared binary).
+    config = {"ep.context_enable": "1", "ep.context_file_path": str(ctx_model.resolve()), "ep.context_embed_mode": "0"}
     if share:
         config["ep.share_ep_contexts"] = "1"
     if share == "last":
         config["ep.stop_share_ep_contexts"] = "1"
-    ort.InferenceSession(str(src), session_options(soc_model, htp_arch, provider, config))
+    options = session_options(soc_model, htp_arch, provider, config)
+    with contextlib.chdir(src.parent):
+        ort.InferenceSession(src.name, options)
 
 
 def simulator_session(model: Path, soc_model: int, htp_arch: int) -> Any:

@@ -3,6 +3,7 @@ graphs and quantized device I/O, unshared binaries the simulator runs like the C
 a SoC change that recompiles without re-exporting or re-quantizing."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -52,12 +53,28 @@ def test_qnn_compile_shared_and_unshared_then_soc_change_recompiles_only(tiny_ht
     assert one["inputs"][0]["shape"] == [1, 1]
 
     simulator_matches_cpu(tiny_htp_project, out, big)
+    same_bytes_when_built_again(tiny_htp_project, out)
 
     tiny_htp_project.write("tq.yaml", RECIPE.replace("SOC", "sm8650"))
     assert built(tiny_htp_project.doit("recipe=tq", "tq:qnn.compile").stdout) == ["qnn.compile"]
     report = json.loads((out / "compile.json").read_text())
     assert report["binaries"]["shared/weight_sharing_model_1_of_1.serialized.bin"]["soc_model"] == 57
     assert report["htp_arch"] == 75
+
+
+def same_bytes_when_built_again(tiny_htp_project, out: Path) -> None:
+    """The entry removed and built again (another scratch dir): identical binaries and EPContext
+    models — onnxruntime names graphs by the model's path unless it is loaded from bytes."""
+    from pipeline.store import remove_tree
+
+    def digests() -> dict[str, str]:
+        return {f.relative_to(out).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
+                for f in sorted(out.rglob("*")) if f.is_file() and f.suffix in (".bin", ".onnx")}
+
+    before = digests()
+    remove_tree(Path(json.loads((out / ".kiln-entry.json").read_text())["entry"]))
+    assert built(tiny_htp_project.doit("recipe=tq", "tq:qnn.compile").stdout) == ["qnn.compile"]
+    assert digests() == before
 
 
 def simulator_matches_cpu(tiny_htp_project, out: Path, io: dict) -> None:

@@ -52,7 +52,7 @@ class QnnCompile(GraphStage):
     """HTP context binaries: one weight-shared (ships) and one per AR graph (simulator)."""
 
     name = "qnn.compile"
-    version = 2  # 2: RMSNorm fused into one op (float16 overflow on HTP otherwise)
+    version = 3  # 2: RMSNorm fused into one op (float16 overflow on HTP otherwise); 3: reproducible graph names
     Params = QnnCompileParams
     tools = ("python", "onnx", "onnxruntime", "onnxruntime-qnn", "numpy")
 
