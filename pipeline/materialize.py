@@ -51,12 +51,16 @@ def link_or_copy(src: Path, dst: Path, methods: tuple[str, ...] = ("reflink", "h
     raise ValueError("no method given")
 
 
-def link_tree(src: Path, dst: Path, methods: tuple[str, ...] = METHODS) -> str:
-    """Mirror `src` into `dst` (created, or merged into when it exists); return the method used."""
+def link_tree(src: Path, dst: Path, methods: tuple[str, ...] = METHODS, skip: tuple[str, ...] = ()) -> str:
+    """Mirror `src` into `dst` (created, or merged into when it exists), less the top-level
+    entries named in `skip`; return the method used."""
     dst.mkdir(parents=True, exist_ok=True)
     usable = list(methods)
     for dirpath, dirnames, filenames in os.walk(src):
         rel = Path(dirpath).relative_to(src)
+        if rel == Path("."):
+            dirnames[:] = [d for d in dirnames if d not in skip]
+            filenames = [f for f in filenames if f not in skip]
         for d in dirnames:
             (dst / rel / d).mkdir(exist_ok=True)
         for name in filenames:

@@ -53,6 +53,9 @@ class Stage:
     Params: ClassVar[type[BaseModel]] = NoParams
     tools: ClassVar[tuple[str, ...]] = ()
     resource: ClassVar[Literal["light", "heavy"]] = "light"
+    # Top-level files of the output that stay out of the bundle: measurements of the machine that
+    # built it (timings, logs with timestamps), different on every build, so the bundle is not.
+    unshipped: ClassVar[tuple[str, ...]] = ()
     registry: ClassVar[dict[str, type["Stage"]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

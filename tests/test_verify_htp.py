@@ -27,7 +27,8 @@ def test_simulator_and_genie_agree_with_the_float_model(tiny_htp_project):
     assert n["simulator_vs_float"]["top1_agreement"] >= 0.9
     [answer] = report["genie"]["answers"]
     assert answer["match"], answer
-    assert answer["genie_tokens"] == 3 and answer["tokens_per_s_simulator"] > 0
+    assert answer["genie_tokens"] == 3
+    assert json.loads((out / "timings.json").read_text())["genie"][0]["tokens_per_s_simulator"] > 0
     dialog = json.loads((out / "genie" / "dialog.json").read_text())["dialog"]
     assert dialog["engine"]["model"]["binary"]["ctx-bins"] == ["tiny-llama_ar16_cl64_qnn.bin", "tiny-llama_ar1_cl64_qnn.bin"]
     assert (out / "genie.log").exists()

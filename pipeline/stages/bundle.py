@@ -39,7 +39,7 @@ class Bundle(Stage):
     """The device bundle and its tarball."""
 
     name = "bundle"
-    version = 2
+    version = 3  # 3: stages' unshipped files (timings) left out
     Params = BundleParams
     tools = ("python", "zlib")
 
@@ -65,6 +65,7 @@ class Bundle(Stage):
             "target": recipe.target.model_dump(mode="json"),
             "scheme": recipe.scheme.model_dump(mode="json"),
             "places": cls.shipped(recipe),
+            "unshipped": {n: list(Stage.registry[n.split("@")[0]].unshipped) for n in cls.shipped(recipe)},
         }
 
     @classmethod
@@ -77,7 +78,7 @@ class Bundle(Stage):
         to_device.mkdir()
         for stage, src in sorted(ctx.inputs.items()):
             place = p["places"][stage]
-            method = link_tree(src, to_device / place, ("reflink", "hardlink", "copy"))
+            method = link_tree(src, to_device / place, ("reflink", "hardlink", "copy"), tuple(p["unshipped"][stage]))
             ctx.log.info(f"adding {stage} as {place}/ ({method})")
         from ..templating import render
 

@@ -1,5 +1,7 @@
 """report: the recipe's results in one place — perplexity table (float vs each quant
-type, held-out text), the emulated completion and bench — as report.md and report.json."""
+type, held-out text) and the emulated completion — as report.md and report.json; the emulated
+llama-bench figures go to bench.md / bench.json, which stay out of the bundle (they differ on
+every build)."""
 from __future__ import annotations
 
 import json
@@ -27,8 +29,9 @@ class Report(LlamacppStage):
     """Evaluation report (report.md, report.json)."""
 
     name = "report"
-    version = 1
+    version = 2  # 2: bench figures unshipped
     Params = NoParams
+    unshipped = ("bench.md", "bench.json")
 
     @classmethod
     def inputs(cls, recipe: "Recipe", variant: str = "") -> list[str]:
@@ -51,10 +54,14 @@ class Report(LlamacppStage):
         md = [f"# {ctx.recipe_name}: {p['model']} on {p['target']}", "",
               f"## Perplexity (held-out text, {chunks} windows of {ctx_size} tokens, host llama-perplexity)", "",
               ppl_table(ppl), ""]
+        bench = {r["type"]: r.pop("bench") for r in runs}
+        bench_md = [f"# {ctx.recipe_name}: llama-bench ({runs[0]['label'] if runs else ''})", "",
+                    "| type | test | tokens | tokens/s |", "|---|---|---:|---:|",
+                    *[f"| {t} | {b['test']} | {b['tokens']} | {b['tokens_per_s']} |" for t, rows in bench.items() for b in rows]]
         for r in runs:
-            md += [f"## {r['type']}: completion and bench ({r['label']})", "", "```", r["completion"].strip(), "```", "",
-                   "| test | tokens | tokens/s |", "|---|---:|---:|",
-                   *[f"| {b['test']} | {b['tokens']} | {b['tokens_per_s']} |" for b in r["bench"]], ""]
+            md += [f"## {r['type']}: completion ({r['label']})", "", "```", r["completion"].strip(), "```", ""]
         (ctx.out / "report.md").write_text("\n".join(md))
         (ctx.out / "report.json").write_text(json.dumps({"perplexity": ppl, "verify": runs}, indent=2, sort_keys=True) + "\n")
-        print("\n".join(md))
+        (ctx.out / "bench.md").write_text("\n".join(bench_md) + "\n")
+        (ctx.out / "bench.json").write_text(json.dumps(bench, indent=2, sort_keys=True) + "\n")
+        print("\n".join(md + [""] + bench_md))

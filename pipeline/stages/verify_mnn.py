@@ -2,8 +2,8 @@
 
 A fixed prompt (raw text, no chat template) is prefilled and decoded greedily by both: the report
 gives the cosine of the last prompt position's logits, whether the top-1 agrees, how many of the
-first generated tokens match, and MNN's prefill and decode tokens/s (host x86 CPU, labelled: not
-the device). A chat question then goes through MNN's own response() (the export's chat template)
+first generated tokens match; MNN's prefill and decode tokens/s (host x86 CPU, labelled: not the
+device) go to timings.json, which stays out of the bundle (it differs on every build). A chat question then goes through MNN's own response() (the export's chat template)
 for a readable answer. Only the runtime settings that change numerics (precision, memory,
 quant_qkv) come from mnn.config's params; threads, sampler, generation length and mmap do not
 enter this stage's key, so tweaking them reruns mnn.config and the bundle only.
@@ -42,8 +42,9 @@ class VerifyMnn(Stage):
     """MNN's engine vs the float model: logits cosine, greedy tokens, host tokens/s."""
 
     name = "verify.mnn"
-    version = 2  # 2: greedy sampler in the config it loads (set_config cannot switch it after load)
+    version = 3  # 2: greedy sampler in the config it loads; 3: timings in timings.json, not shipped
     Params = VerifyMnnParams
+    unshipped = ("timings.json",)
     tools = ("python", "mnn", "torch", "transformers", "numpy")
     resource = "heavy"
 
@@ -102,17 +103,22 @@ class VerifyMnn(Stage):
         matched = next((i for i, (a, b) in enumerate(zip(mnn.tokens, float_tokens)) if a != b), len(mnn.tokens))
         result = {
             "label": "host x86_64 CPU, MNN's engine via pymnn (not the device)", "prompt": p["prompt"],
-            "runtime": config, "prompt_tokens": len(ids),
+            # the settings that shape the numbers (threads do not: same logits with 1, 2 or 4)
+            "runtime": {k: config[k] for k in (*NUMERIC_SETTINGS, "sampler_type")}, "prompt_tokens": len(ids),
             "logits_cosine": round(cosine, 5), "top1_agrees": int(mnn.prompt_logits.argmax()) == int(float_logits.argmax()),
             "mnn_tokens": mnn.tokens, "float_tokens": float_tokens, "matching_prefix": matched,
             "mnn_text": tokenizer.decode(mnn.tokens), "float_text": tokenizer.decode(float_tokens),
-            "prefill_tokens_per_s": round(len(ids) / mnn.prefill_s, 1),
-            "decode_tokens_per_s": round((len(mnn.tokens) - 1) / mnn.decode_s, 1) if mnn.decode_s else None,
             "chat": {"question": p["chat"], "answer": answer},
         }
+        timings = {"label": "host x86_64 CPU (not the device)", "threads": config["thread_num"],
+                   "prefill_tokens_per_s": round(len(ids) / mnn.prefill_s, 1),
+                   "decode_tokens_per_s": round((len(mnn.tokens) - 1) / mnn.decode_s, 1) if mnn.decode_s else None}
         (ctx.out / "verify.json").write_text(json.dumps(result, indent=2) + "\n")
+        (ctx.out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
         (ctx.out / "report.md").write_text(report_md(ctx.recipe_name, result))
         print((ctx.out / "report.md").read_text())
+        ctx.log.info(f"MNN prefill {timings['prefill_tokens_per_s']} tokens/s, decode {timings['decode_tokens_per_s']} "
+                     f"tokens/s ({timings['threads']} threads, {timings['label']})")
         problems = []
         if cosine < p["min_cosine"]:
             problems.append(f"logits cosine {cosine:.4f} < min_cosine {p['min_cosine']}")
@@ -132,7 +138,6 @@ def report_md(recipe: str, r: dict[str, Any]) -> str:
         f"| float (HF) | {r['float_text']!r} | {r['float_tokens']} |", "",
         f"- last prompt position logits: cosine **{r['logits_cosine']}**, top-1 "
         f"{'agrees' if r['top1_agrees'] else 'differs'}; first {r['matching_prefix']} generated tokens match",
-        f"- MNN prefill {r['prefill_tokens_per_s']} tokens/s, decode {r['decode_tokens_per_s']} tokens/s "
-        f"({r['runtime']['thread_num']} threads, precision {r['runtime']['precision']}, memory {r['runtime']['memory']}; "
-        "host CPU, not the device)",
+        f"- MNN runtime: precision {r['runtime']['precision']}, memory {r['runtime']['memory']}, "
+        f"quant_qkv {r['runtime']['quant_qkv']}, greedy",
         f"- chat (MNN response(), chat template): {r['chat']['question']!r} → {r['chat']['answer']!r}", ""])
