@@ -75,7 +75,10 @@ def plan(recipe: Recipe, cache: StatCache | None = None) -> list[StageSpec]:
             source_paths, source_hashes, tools = {}, {"unavailable": blocked}, {}
         inputs = {d: keys[d] for d in cls.inputs(recipe, variant)}
         blocked = blocked or next((s.blocked for s in specs if s.stage in inputs and s.blocked), None)
-        material = key_material(nid, cls.version, cls.params(recipe, variant), inputs, source_hashes, tools)
+        params = cls.params(recipe, variant)
+        if cls.per_recipe:
+            params = {**params, "recipe": recipe.name}
+        material = key_material(nid, cls.version, params, inputs, source_hashes, tools)
         keys[nid] = compute_key(material)
         specs.append(StageSpec(
             stage=nid, name=cls.name, variant=variant, recipe=recipe.name, key=keys[nid],

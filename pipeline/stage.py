@@ -56,6 +56,9 @@ class Stage:
     # Top-level files of the output that stay out of the bundle: measurements of the machine that
     # built it (timings, logs with timestamps), different on every build, so the bundle is not.
     unshipped: ClassVar[tuple[str, ...]] = ()
+    # The output names its recipe (bundle, READMEs, run.sh): the recipe's name enters the key. A
+    # stage without it must not write the recipe's name, since other recipes share its entries.
+    per_recipe: ClassVar[bool] = False
     registry: ClassVar[dict[str, type["Stage"]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -163,3 +163,14 @@ def test_stage_exports_and_verifies_the_tiny_llama_and_refuses_a_4bit_scheme(tin
     assert failed.returncode != 0
     assert re.search(r"tk4.yaml:3: scheme 'mnn_int4_b64': the Kuiper format stores symmetric int8 .*got bits 4",
                      failed.stdout + failed.stderr)
+
+
+def test_recipes_share_entries_except_the_ones_that_name_the_recipe(tiny_project):
+    body = "extends: tiny\ntarget: kuiper\nscheme: kuiper_int8_g64\n"
+    tiny_project.write("ka.yaml", body)
+    tiny_project.write("kb.yaml", body)
+    keys = {}
+    for name in ("ka", "kb"):
+        listing = tiny_project.doit("list", f"recipe={name}").stdout
+        keys[name] = dict(re.findall(rf"^{name}:(\S+)\s+stage \S+ \(key (\w+)…\)", listing, re.M))
+    assert {s for s in keys["ka"] if keys["ka"][s] != keys["kb"][s]} == {"kuiper.package", "bundle"}

@@ -23,17 +23,17 @@ SMOLLM2 = {"hidden_size": 576, "tie_word_embeddings": True}
 
 
 def block_params(block: int, seperate_embed: bool = False) -> dict:
-    return {"recipe": "r", "model": "SmolLM2", "quant_block": block, "seperate_embed": seperate_embed}
+    return {"model": "SmolLM2", "quant_block": block, "seperate_embed": seperate_embed}
 
 
 def test_block_size_must_divide_the_hidden_size_of_a_tied_model():
     with pytest.raises(KilnError, match=r"block_size 128 does not divide SmolLM2's hidden_size 576.*"
                                         r"\(16, 18, 24, 32, 36, 48, \.\.\.\).*seperate_embed: true"):
-        check_block(block_params(128), SMOLLM2)
-    check_block(block_params(64), SMOLLM2)
-    check_block(block_params(0), SMOLLM2)  # per-channel
-    check_block(block_params(128, seperate_embed=True), SMOLLM2)
-    check_block(block_params(128), {**SMOLLM2, "tie_word_embeddings": False})
+        check_block(block_params(128), SMOLLM2, 'r')
+    check_block(block_params(64), SMOLLM2, 'r')
+    check_block(block_params(0), SMOLLM2, 'r')  # per-channel
+    check_block(block_params(128, seperate_embed=True), SMOLLM2, 'r')
+    check_block(block_params(128), {**SMOLLM2, "tie_word_embeddings": False}, 'r')
 
 
 def test_config_renders_every_runtime_setting():

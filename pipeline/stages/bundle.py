@@ -41,6 +41,7 @@ class Bundle(Stage):
     name = "bundle"
     version = 3  # 3: stages' unshipped files (timings) left out
     Params = BundleParams
+    per_recipe = True
     tools = ("python", "zlib")
 
     @classmethod

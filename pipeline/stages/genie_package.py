@@ -60,6 +60,7 @@ class GeniePackage(ShipsTemplates, Stage):
     version = 3  # 2: the binary's libQnnSystem metadata in package.json and README; 3: prompt.txt, not -p '...'
     templates_used = ("genie/run.sh.j2", "genie/README.md.j2")
     Params = GeniePackageParams
+    per_recipe = True
     tools = ("python", "jinja2", "transformers")
 
     @classmethod

@@ -21,6 +21,7 @@ class KuiperPackage(ShipsTemplates, Stage):
     name = "kuiper.package"
     version = 1
     Params = NoParams
+    per_recipe = True
     templates_used = ("kuiper/README.md.j2",)
 
     @classmethod
@@ -43,6 +44,6 @@ class KuiperPackage(ShipsTemplates, Stage):
         meta = json.loads((export / "kuiper.json").read_text())
         header = Header(**{k: v for k, v in meta["header"].items() if k != "shared_classifier"})
         (ctx.out / "README.md").write_text(render(
-            "kuiper/README.md.j2", **ctx.params, recipe=ctx.recipe_name, meta=meta, h=header,
+            "kuiper/README.md.j2", **{**ctx.params, "recipe": ctx.recipe_name}, meta=meta, h=header,
             tokenizer_files=[n for n in TOKENIZER_FILES if (export / n).exists()],
             report_md=(verify / "report.md").read_text()))

@@ -23,6 +23,7 @@ class LlamacppPackage(ShipsTemplates, LlamacppStage):
     version = 1
     templates_used = ("llamacpp/run.sh.j2", "llamacpp/README.md.j2")
     Params = NoParams
+    per_recipe = True
 
     @classmethod
     def applies(cls, recipe: "Recipe") -> bool:

@@ -59,13 +59,13 @@ def divisors(n: int, at_least: int = 16) -> list[int]:
     return [d for d in range(at_least, n + 1) if n % d == 0]
 
 
-def check_block(p: dict[str, Any], config: dict[str, Any]) -> None:
+def check_block(p: dict[str, Any], config: dict[str, Any], recipe: str) -> None:
     """Refuse a block size llmexport would silently get wrong on this model."""
     block, hidden = p["quant_block"], config["hidden_size"]
     tied = config.get("tie_word_embeddings", False)
     if block and hidden % block and tied and not p["seperate_embed"]:
         raise KilnError(
-            f"recipe {p['recipe']}: scheme.weights.block_size {block} does not divide {p['model']}'s hidden_size "
+            f"recipe {recipe}: scheme.weights.block_size {block} does not divide {p['model']}'s hidden_size "
             f"{hidden}: llmexport would quantize the tied embedding with another block than llm_config.json "
             f"records, and the exported model emits garbage. Use a block size that divides {hidden} "
             f"({', '.join(map(str, divisors(hidden)[:6]))}, ...), per-channel weights, or set "
@@ -134,7 +134,7 @@ class MnnExport(Stage):
             problems.append(f"stages.mnn.export.embed_bit {own['embed_bit']} (16, 8 or 4)")
         if problems:
             raise RecipeError(f"{recipe.where('scheme')}: scheme {s.name!r} for MNN: " + "; ".join(problems))
-        return {**own, "recipe": recipe.name, "model": recipe.model.name, "quant_bit": w.bits,
+        return {**own, "model": recipe.model.name, "quant_bit": w.bits,
                 "quant_block": w.block_size if w.granularity == "per-block" else 0, "sym": w.symmetric}
 
     @classmethod
@@ -144,7 +144,7 @@ class MnnExport(Stage):
     def run(self, ctx: StageContext) -> None:
         p = ctx.params
         model_dir = ctx.inputs["model"]
-        check_block(p, json.loads((model_dir / "config.json").read_text()))
+        check_block(p, json.loads((model_dir / "config.json").read_text()), ctx.recipe_name)
         check_tokenizer(model_dir)
         work = ctx.out / "_work"
         work.mkdir()

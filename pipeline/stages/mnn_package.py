@@ -23,6 +23,7 @@ class MnnPackage(ShipsTemplates, Stage):
     name = "mnn.package"
     version = 1
     Params = NoParams
+    per_recipe = True
     tools = ("mnn", "llmexport")
     templates_used = ("mnn/run.sh.j2", "mnn/README.md.j2")
 

@@ -83,7 +83,7 @@ class Quantize(GraphStage):
     """PTQ: QDQ ONNX + AIMET encodings per AR graph, PPL float / sim / QDQ."""
 
     name = "quantize"
-    version = 3
+    version = 4  # 4: report.md without the recipe's name (entries are shared between recipes)
     Params = QuantizeParams
 
     @classmethod
@@ -194,7 +194,7 @@ class Quantize(GraphStage):
                   "activation_tensors": len(acts), "graphs": graphs,
                   "weights": [{k: v for k, v in r.items() if k not in ("grid", "scale", "zero")} for r in rows]}
         (ctx.out / "quantize.json").write_text(json.dumps(report, indent=2) + "\n")
-        (ctx.out / "report.md").write_text(report_md(ctx.recipe_name, report))
+        (ctx.out / "report.md").write_text(report_md(report))
         ctx.log.info(f"{algorithm}: PPL float {ppl_float:.4f}, sim {ppl_sim:.4f} ({report['delta_sim_pct']:+.2f}%), "
                      f"QDQ {ppl_qdq:.4f} ({report['delta_qdq_pct']:+.2f}%); QDQ vs sim {gap:+.2f}%; "
                      f"min weight SQNR {min(r['sqnr_db'] for r in rows):.1f} dB")
@@ -305,8 +305,8 @@ def _aimet_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structu
     return params, acts, sim_step, rows, {"weight_seconds": round(seconds, 2)}
 
 
-def report_md(recipe: str, r: dict[str, Any]) -> str:
-    lines = [f"# {recipe}: quantization report", "",
+def report_md(r: dict[str, Any]) -> str:
+    lines = ["# Quantization report", "",
              "## ONNX export: onnxruntime vs HF on evaluation text", "",
              "| graph | tokens | max abs Δlogits | top-1 agreement |", "|---|---:|---:|---:|"]
     lines += [f"| {g['graph']} | {g['export_check']['tokens']} | {g['export_check']['max_abs_logit_diff']:.3g} | "

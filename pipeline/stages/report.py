@@ -32,6 +32,7 @@ class Report(LlamacppStage):
     version = 2  # 2: bench figures unshipped
     Params = NoParams
     unshipped = ("bench.md", "bench.json")
+    per_recipe = True
 
     @classmethod
     def inputs(cls, recipe: "Recipe", variant: str = "") -> list[str]:

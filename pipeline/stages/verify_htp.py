@@ -52,7 +52,7 @@ class VerifyHtp(Stage):
     """Simulator numerics of the binaries and the Genie runtime's answers."""
 
     name = "verify.htp"
-    version = 3  # 2: report.md, shipped as the bundle's report/; 3: timings and Genie's log unshipped
+    version = 3  # 2: report.md, shipped as the bundle's report/; 3: timings and Genie's log unshipped, no recipe name
     unshipped = ("timings.json", "genie.log")
     Params = VerifyHtpParams
     tools = ("python", "torch", "transformers", "onnxruntime", "onnxruntime-qnn", "numpy")
@@ -101,7 +101,7 @@ class VerifyHtp(Stage):
                              for a in genie["answers"]]}
         (ctx.out / "verify.json").write_text(json.dumps(report, indent=2) + "\n")
         (ctx.out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
-        (ctx.out / "report.md").write_text(report_md(ctx.recipe_name, report))
+        (ctx.out / "report.md").write_text(report_md(p["model"], report))
         problems = []
         sim, sim_float, cpu_float = (numerics[k] for k in ("simulator_vs_cpu_qdq", "simulator_vs_float", "cpu_qdq_vs_float"))
         if sim["top1_agreement"] < p["min_top1"] or sim["cosine_mean"] < p["min_cosine"]:
@@ -116,14 +116,14 @@ class VerifyHtp(Stage):
             raise KilnError("verify.htp: " + "; ".join(problems))
 
 
-def report_md(recipe: str, report: dict[str, Any]) -> str:
+def report_md(model: str, report: dict[str, Any]) -> str:
     n = report["numerics"]
     rows = [f"| {k.replace('_', ' ')} | {v['top1_agreement']:.3f} | {v['cosine_mean']:.4f} | {v['cosine_min']:.4f} |"
             for k, v in n.items() if isinstance(v, dict)]
     answers = [f"| {a['prompt']!r} | {a['genie']!r} | {a['float']!r} | {'yes' if a['match'] else 'NO'} | "
                f"{a['genie_tokens']} |" for a in report["genie"]["answers"]]
     return "\n".join([
-        f"# {recipe}: HTP binaries on the x86 simulator ({report['label']})", "",
+        f"# {model}: HTP binaries on the x86 simulator ({report['label']})", "",
         f"{n['tokens']} prompt tokens through the widest AR graph, then {n['decode_steps']} greedy AR-1 steps.", "",
         "| logits | top-1 agreement | cosine mean | cosine min |", "|---|---:|---:|---:|", *rows, "",
         f"Genie {report['genie']['api']} (libGenie x86, the bundle's config over the unshared binaries, greedy):", "",

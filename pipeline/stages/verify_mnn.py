@@ -42,7 +42,7 @@ class VerifyMnn(Stage):
     """MNN's engine vs the float model: logits cosine, greedy tokens, host tokens/s."""
 
     name = "verify.mnn"
-    version = 3  # 2: greedy sampler in the config it loads; 3: timings in timings.json, not shipped
+    version = 3  # 2: greedy sampler in the config it loads; 3: timings in timings.json, not shipped, no recipe name
     Params = VerifyMnnParams
     unshipped = ("timings.json",)
     tools = ("python", "mnn", "torch", "transformers", "numpy")
@@ -115,7 +115,7 @@ class VerifyMnn(Stage):
                    "decode_tokens_per_s": round((len(mnn.tokens) - 1) / mnn.decode_s, 1) if mnn.decode_s else None}
         (ctx.out / "verify.json").write_text(json.dumps(result, indent=2) + "\n")
         (ctx.out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
-        (ctx.out / "report.md").write_text(report_md(ctx.recipe_name, result))
+        (ctx.out / "report.md").write_text(report_md(result))
         print((ctx.out / "report.md").read_text())
         ctx.log.info(f"MNN prefill {timings['prefill_tokens_per_s']} tokens/s, decode {timings['decode_tokens_per_s']} "
                      f"tokens/s ({timings['threads']} threads, {timings['label']})")
@@ -129,9 +129,9 @@ class VerifyMnn(Stage):
             raise KilnError("verify.mnn: " + "; ".join(problems))
 
 
-def report_md(recipe: str, r: dict[str, Any]) -> str:
+def report_md(r: dict[str, Any]) -> str:
     return "\n".join([
-        f"# {recipe}: MNN export vs the float model ({r['label']})", "",
+        f"# MNN export vs the float model ({r['label']})", "",
         f"Prompt {r['prompt']!r} ({r['prompt_tokens']} tokens), greedy:", "",
         "| | continuation | tokens |", "|---|---|---|",
         f"| MNN | {r['mnn_text']!r} | {r['mnn_tokens']} |",
