@@ -3,7 +3,10 @@ greedy decoding with timings. Shared by mnn.config and verify.mnn."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +28,20 @@ def render_config(runtime: dict[str, Any]) -> dict[str, Any]:
         raise KilnError(f"{CONFIG_TEMPLATE} rendered invalid JSON: {e}") from None
 
 
-def assemble(export_dir: Path, config: dict[str, Any], into: Path) -> Path:
-    """The export's files (linked) and `config` as config.json in `into`, as on the device;
-    returns config.json's path."""
+@contextmanager
+def loaded(export_dir: Path, config: dict[str, Any], into: Path) -> Iterator["MnnLlm"]:
+    """The export loaded by MNN's engine with `config`: its files (linked) and config.json laid
+    out in `into` as on the device, removed again afterwards."""
     from .materialize import link_or_copy
 
-    into.mkdir(parents=True, exist_ok=True)
-    for name in (*EXPORT_FILES.values(), "llm_config.json"):
-        link_or_copy(export_dir / name, into / name)
-    (into / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return into / "config.json"
+    into.mkdir(parents=True)
+    try:
+        for name in (*EXPORT_FILES.values(), "llm_config.json"):
+            link_or_copy(export_dir / name, into / name)
+        (into / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        yield MnnLlm(into / "config.json")
+    finally:
+        shutil.rmtree(into)
 
 
 def host_config(config: dict[str, Any], threads: int) -> dict[str, Any]:

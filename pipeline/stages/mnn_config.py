@@ -84,16 +84,13 @@ class MnnConfig(ShipsTemplates, Stage):
         return [MnnExport.name]
 
     def run(self, ctx: StageContext) -> None:
-        import shutil
-
-        from ..mnn import MnnLlm, assemble, host_config, render_config
+        from ..mnn import host_config, loaded, render_config
 
         p = ctx.params
         config = render_config(p)
         (ctx.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        check = ctx.out / "_check"
-        n = len(MnnLlm(assemble(ctx.inputs[MnnExport.name], host_config(config, 1), check)).encode("Hello"))
-        shutil.rmtree(check)
+        with loaded(ctx.inputs[MnnExport.name], host_config(config, 1), ctx.out / "_check") as llm:
+            n = len(llm.encode("Hello"))
         ctx.log.info(f"config.json: {p['backend_type']}, {p['thread_num']} threads, precision {p['precision']}, "
                      f"memory {p['memory']}, sampler {p['sampler']['type']}; MNN loaded the export with it "
                      f"(host CPU; tokenizer: {n} tokens for 'Hello')")

@@ -74,30 +74,26 @@ class VerifyMnn(Stage):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..mnn import MnnLlm, assemble, host_config, render_config
+        from ..mnn import host_config, loaded, render_config
         from ..proc import threads
 
         p = ctx.params
         greedy = MnnConfig.Params(sampler={"type": "greedy"}).model_dump(mode="json")
         config = host_config(render_config({**greedy, **p["runtime"]}), int(threads()))
-        llm = MnnLlm(assemble(ctx.inputs[MnnExport.name], config, ctx.out / "_run"))
         tokenizer = AutoTokenizer.from_pretrained(ctx.inputs["model"])
         ids = tokenizer(p["prompt"])["input_ids"]
-        if llm.encode(p["prompt"]) != ids:
-            raise KilnError(f"MNN's tokenizer.mtok and the model's tokenizer disagree on {p['prompt']!r}: "
-                            f"{llm.encode(p['prompt'])} vs {ids}")
         hf = AutoModelForCausalLM.from_pretrained(ctx.inputs["model"], dtype=torch.float32).eval()
         with torch.no_grad():
             out = hf.generate(torch.tensor([ids]), max_new_tokens=p["new_tokens"], do_sample=False,
                               output_logits=True, return_dict_in_generate=True, pad_token_id=tokenizer.eos_token_id)
         float_tokens = out.sequences[0, len(ids):].tolist()
         float_logits = out.logits[0][0].float().numpy()
-        mnn = llm.greedy(ids, p["new_tokens"])
-        answer = llm.response(p["chat"], p["chat_tokens"])
-        del llm
-        import shutil
-
-        shutil.rmtree(ctx.out / "_run")
+        with loaded(ctx.inputs[MnnExport.name], config, ctx.out / "_run") as llm:
+            if (theirs := llm.encode(p["prompt"])) != ids:
+                raise KilnError(f"MNN's tokenizer.mtok and the model's tokenizer disagree on {p['prompt']!r}: "
+                                f"{theirs} vs {ids}")
+            mnn = llm.greedy(ids, p["new_tokens"])
+            answer = llm.response(p["chat"], p["chat_tokens"])
         cosine = float(np.dot(mnn.prompt_logits, float_logits)
                        / (np.linalg.norm(mnn.prompt_logits) * np.linalg.norm(float_logits)))
         matched = next((i for i, (a, b) in enumerate(zip(mnn.tokens, float_tokens)) if a != b), len(mnn.tokens))
