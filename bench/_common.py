@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 GB = 1_000_000_000
 
@@ -69,11 +69,11 @@ def populate_store(base: Path, recipe: str, gb_per_stage: float, files_per_stage
     The payloads are synthetic (a no-op never reads outputs, so only their
     size matters here); publishing and materializing use Kiln's real code.
     """
-    from pipeline.plan import plan
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import build
-    from pipeline.settings import Settings
-    from pipeline.store import Store
+    from pipeline.engine.plan import plan
+    from pipeline.engine.runner import build
+    from pipeline.engine.settings import Settings
+    from pipeline.engine.store import Store
+    from pipeline.registry import load_recipe
 
     os.environ.update(bench_env(base))
     settings = Settings.from_env()

@@ -3,7 +3,7 @@ SmolLM2-135M's exact shape (random seeded weights: the work does not depend on t
 W4 blocks of 64 as in recipes/schemes/w4a16_kv8.yaml, calibration prompts of random tokens of
 the stage's default size. Prints seconds per device and the CPU/CUDA ratio of the same run.
 
-Only pipeline.quant is imported, so it runs wherever torch and transformers do:
+Only pipeline.qnn.quant is imported, so it runs wherever torch and transformers do:
     .venv/bin/python bench/calib_speed.py            # here: CPU only, no ratio
     python3 bench/calib_speed.py                      # on a GPU machine: the ratio
 Never part of CI (no GPU there).
@@ -29,7 +29,7 @@ def main() -> None:
     import yaml
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.quant.model import quantize_weights
+    from pipeline.qnn.quant.model import quantize_weights
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=64, help="calibration prompts (the stage's weight_calibration_samples)")

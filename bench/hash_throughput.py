@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import GB, evict, make_payload, median_of  # noqa: E402
-from pipeline.hashing import hash_file_bytes  # noqa: E402
+from pipeline.engine.hashing import hash_file_bytes  # noqa: E402
 
 
 def main() -> None:

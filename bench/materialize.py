@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import GB, make_payload, median_of, timed  # noqa: E402
-from pipeline.materialize import materialize  # noqa: E402
-from pipeline.store import Store  # noqa: E402
+from pipeline.engine.materialize import materialize  # noqa: E402
+from pipeline.engine.store import Store  # noqa: E402
 
 KEY = "b" * 64
 

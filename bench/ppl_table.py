@@ -1,11 +1,11 @@
 """Quantization accuracy table on the real SmolLM2 (issue 4): perplexity on held-out text for
 float and for W8A16 / W4A16 per-channel / W4A16 blocks of 128 and of 64 (+ KV8, float16
-outliers), each with RTN, SeqMSE and GPTQ — through the quantize stage's own code (pipeline/quant/flow.py):
+outliers), each with RTN, SeqMSE and GPTQ — through the quantize stage's own code (pipeline/qnn/quant/flow.py):
 the same weight PTQ, the same calibrated sim of the AR-128 graph, the same evaluation.
 
 Not a speed benchmark: it prints a markdown table. Needs the recipe's model, text and
 AR-128 export built first:
-    .venv/bin/doit recipe=smollm2_135m_sm8750 smollm2_135m_sm8750:export.onnx@ar128
+    .venv/bin/doit recipe=smollm2_135m_sm8750 smollm2_135m_sm8750:qnn.export@ar128
     .venv/bin/python bench/ppl_table.py            # ~30 min on 2 CPU cores
 The QDQ ONNX itself is evaluated by the stage (`quantize.json`: ppl_qdq vs ppl_sim).
 """
@@ -33,12 +33,12 @@ def main() -> None:
     import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.adapted_llama import AdaptedLlama, ar_perplexity, torch_step
-    from pipeline.quant import qdq
-    from pipeline.quant.flow import calibrated_sim, quantize_model
-    from pipeline.recipe import load_recipe
-    from pipeline.recipe_schema import SchemeSpec
-    from pipeline.stages.quantize import Quantize, calibration_batches, graph_file, scheme_params
+    from pipeline.qnn.adapted_llama import AdaptedLlama, ar_perplexity, torch_step
+    from pipeline.qnn.quant import qdq
+    from pipeline.qnn.quant.flow import calibrated_sim, quantize_model
+    from pipeline.qnn.quantize import QnnQuantize, calibration_batches, graph_file, scheme_params
+    from pipeline.recipe.schema import SchemeSpec
+    from pipeline.registry import load_recipe
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="smollm2_135m_sm8750")
@@ -48,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     recipe = load_recipe(args.recipe)
     ws = recipe.settings.artifacts / args.recipe
-    p = Quantize.params(recipe)
+    p = QnnQuantize.params(recipe)
     context = p["context_length"]
     ar = max(recipe.spec.ar_lengths)
     tokenizer = AutoTokenizer.from_pretrained(ws / "model")
@@ -58,7 +58,7 @@ def main() -> None:
         max(p["calibration_samples"], p["weight_calibration_samples"]), p["calibration_tokens"])]
     prompts, weight_prompts = weight_prompts[:p["calibration_samples"]], weight_prompts[:p["weight_calibration_samples"]]
     shapes = {i.name: tuple(i.dims) for i in
-              qdq.load_structure(graph_file(ws / f"export.onnx@ar{ar}")).graph.initializer}
+              qdq.load_structure(graph_file(ws / f"qnn.export@ar{ar}")).graph.initializer}
 
     def load():
         return AutoModelForCausalLM.from_pretrained(ws / "model", dtype=torch.float32).eval()

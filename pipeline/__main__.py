@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import explain, gc, misc, perf, verify
-from .errors import KilnError
-from .settings import Settings
+from pipeline.cli import explain, gc, misc, perf, verify
+from pipeline.engine.errors import KilnError
+from pipeline.engine.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pipeline import ROOT
-from pipeline.settings import Settings
+from pipeline.engine.settings import Settings
 
 
 @dataclass
@@ -188,7 +188,7 @@ def tiny_htp_recipe(stages: dict[str, str] | None = None, *, scheme: str = "w8a1
                     target: str = "sm8750", scheme_extra: str = "") -> str:
     """A recipe over `tiny` for the Qualcomm path, small enough for tests: context 64, AR-16 + AR-1,
     short calibration; `stages` adds `name: {flow mapping}` lines, `scheme_extra` scheme keys."""
-    lines = {"quantize": "{calibration_samples: 2, calibration_tokens: 16, eval_windows: 2}", **(stages or {})}
+    lines = {"qnn.quantize": "{calibration_samples: 2, calibration_tokens: 16, eval_windows: 2}", **(stages or {})}
     extra = f", {scheme_extra}" if scheme_extra else ""
     return (f"extends: tiny\ntarget: {target}\ncontext_length: 64\nar_lengths: [16, 1]\n"
             f"scheme: {{use: {scheme}, algorithm: {algorithm}{extra}}}\nstages:\n"

@@ -7,7 +7,7 @@ import tarfile
 
 from conftest import fake_hf_cache
 
-from pipeline.store import Store
+from pipeline.engine.store import Store
 
 
 def built(out: str) -> list[str]:
@@ -112,8 +112,8 @@ def test_model_not_on_machine_fails_at_model_stage_with_instructions(project):
 
 
 def test_hub_id_resolves_offline_from_hf_cache(project, tiny_model_dir, tmp_path, monkeypatch):
-    from pipeline.plan import plan
-    from pipeline.recipe import load_recipe
+    from pipeline.engine.plan import plan
+    from pipeline.registry import load_recipe
 
     hub = tmp_path / "hub"
     fake_hf_cache(hub, "someorg/tiny", "model", {f.name: f.read_bytes() for f in tiny_model_dir.iterdir()})

@@ -18,8 +18,8 @@ import pytest
 from conftest import new_project
 
 from pipeline import ROOT
-from pipeline.settings import Settings
-from pipeline.store import Store, remove_tree
+from pipeline.engine.settings import Settings
+from pipeline.engine.store import Store, remove_tree
 
 pytestmark = pytest.mark.slow
 DEFAULT = Settings.from_env().default_recipe

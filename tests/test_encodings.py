@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import KilnError
-from pipeline.quant import algorithms, encodings
-from pipeline.quant.encodings import encoding_from_grid
-from pipeline.quant.grid import Grid
-from pipeline.quant.model import quant_param
-from pipeline.quant.qdq import dequantize
+from pipeline.engine.errors import KilnError
+from pipeline.qnn.quant import algorithms, encodings
+from pipeline.qnn.quant.encodings import encoding_from_grid
+from pipeline.qnn.quant.grid import Grid
+from pipeline.qnn.quant.model import quant_param
+from pipeline.qnn.quant.qdq import dequantize
 
 ACT = encoding_from_grid("/blocks.0/attn/Add_output_0", 16, False, [0.002], [31000], qmin=0)
 W8 = encoding_from_grid("blocks.0.attn.q.conv.weight", 8, True, [0.01, 0.02], [0, 0], qmin=-128)

@@ -1,4 +1,4 @@
-"""export.onnx: the adapted Llama equals HF; graphs export and match in onnxruntime."""
+"""qnn.export: the adapted Llama equals HF; graphs export and match in onnxruntime."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.adapted_llama import AdaptedLlama, advance_past, io_names, step_inputs
+from pipeline.qnn.adapted_llama import AdaptedLlama, advance_past, io_names, step_inputs
 
 
 def tiny_hf(rope_parameters=None, kv_heads=2, bias=False):
@@ -83,11 +83,11 @@ def test_export_stage_on_tiny_model(tiny_project):
         context_length: 64
         ar_lengths: [16, 1]
         stages:
-          export.onnx: {check_tokens: 40}
+          qnn.export: {check_tokens: 40}
         """)
-    tiny_project.doit("recipe=tiny_npu", "tiny_npu:export.onnx@ar16", "tiny_npu:export.onnx@ar1")
+    tiny_project.doit("recipe=tiny_npu", "tiny_npu:qnn.export@ar16", "tiny_npu:qnn.export@ar1")
     for ar in (16, 1):
-        ws = tiny_project.artifacts / "tiny_npu" / f"export.onnx@ar{ar}"
+        ws = tiny_project.artifacts / "tiny_npu" / f"qnn.export@ar{ar}"
         report = json.loads((ws / "export.json").read_text())
         assert report["graph"] == f"tiny-llama_ar{ar}_cl64" and report["tokens"] == 40
         assert report["max_abs_logit_diff"] < 1e-4 and report["top1_agreement"] == 1.0

@@ -1,4 +1,4 @@
-"""genie.config: every template branch rendered and checked by the real libGenie schema (and the
+"""qnn.genie_config: every template branch rendered and checked by the real libGenie schema (and the
 extension config by its JSON Schema), the checks' failures, and the stage's rerun scope."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("onnxruntime_qnn")
 
-from pipeline.errors import KilnError  # noqa: E402
-from pipeline.genie import GenieError, check_dialog_config, check_ext_config, model_values, render_configs  # noqa: E402
-from pipeline.stages.genie_config import GenieConfigParams, genie_values  # noqa: E402
+from pipeline.engine.errors import KilnError  # noqa: E402
+from pipeline.qnn.genie import GenieError, check_dialog_config, check_ext_config, genie_values, model_values, render_configs  # noqa: E402
+from pipeline.qnn.genie_config import QnnGenieConfigParams  # noqa: E402
 
 SMOLLM2 = {"vocab_size": 49152, "hidden_size": 576, "num_attention_heads": 9, "head_dim": 64, "bos_token_id": 1,
            "eos_token_id": 2, "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}
@@ -22,7 +22,7 @@ LLAMA32 = {"vocab_size": 128256, "hidden_size": 2048, "num_attention_heads": 32,
 
 
 def params(**changes) -> dict:
-    p = GenieConfigParams(**changes).model_dump(mode="json")
+    p = QnnGenieConfigParams(**changes).model_dump(mode="json")
     return {**p, "context_length": 512, "soc_model": 69, "dsp_arch": "v79"}
 
 
@@ -91,14 +91,14 @@ context_length: 64
 ar_lengths: [16, 1]
 scheme: {use: w4a16_kv8, algorithm: rtn}
 stages:
-  genie.config: {sampler: {temp: TEMP}}
+  qnn.genie_config: {sampler: {temp: TEMP}}
 """
 
 
 def test_stage_writes_checked_configs_and_a_sampler_tweak_reruns_only_it(tiny_project):
     tiny_project.write("tq.yaml", RECIPE.replace("TEMP", "0.8"))
-    tiny_project.doit("recipe=tq", "tq:genie.config")
-    out = tiny_project.artifacts / "tq" / "genie.config"
+    tiny_project.doit("recipe=tq", "tq:qnn.genie_config")
+    out = tiny_project.artifacts / "tq" / "qnn.genie_config"
     dialog = json.loads((out / "htp-model-config-tiny-llama.json").read_text())
     assert dialog["dialog"]["engine"]["model"]["binary"]["ctx-bins"] == ["models/weight_sharing_model_1_of_1.serialized.bin"]
     assert json.loads((out / "htp_backend_ext_config.json").read_text())["devices"][0]["dsp_arch"] == "v79"
@@ -106,10 +106,10 @@ def test_stage_writes_checked_configs_and_a_sampler_tweak_reruns_only_it(tiny_pr
     keys = stage_keys(tiny_project)
     tiny_project.write("tq.yaml", RECIPE.replace("TEMP", "0.5"))
     after = stage_keys(tiny_project)
-    assert {s for s in keys if keys[s] != after[s]} == {"genie.config", "bundle"}
+    assert {s for s in keys if keys[s] != after[s]} == {"qnn.genie_config", "bundle"}
     assert 'params.sampler.temp: 0.8 → 0.5' in tiny_project.doit("explain", "recipe=tq").stdout
-    assert re.findall(r"kiln: \S+:(\S+): built ", tiny_project.doit("recipe=tq", "tq:genie.config").stdout) == \
-        ["genie.config"]
+    assert re.findall(r"kiln: \S+:(\S+): built ", tiny_project.doit("recipe=tq", "tq:qnn.genie_config").stdout) == \
+        ["qnn.genie_config"]
     assert json.loads((out / "htp-model-config-tiny-llama.json").read_text())["dialog"]["sampler"]["temp"] == 0.5
 
 

@@ -1,4 +1,4 @@
-"""genie.package + bundle on the tiny model: seed 000's to_device/ layout (weight-shared binary under
+"""qnn.package + bundle on the tiny model: seed 000's to_device/ layout (weight-shared binary under
 models/, Genie configs, tokenizer, exact-length prompt files, run.sh with the adb / genie-t2t-run
 commands) and the QAIRT runtime libraries: listed without an SDK, copied from QNN_SDK_ROOT."""
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tests.conftest import tiny_htp_recipe
 
 pytest.importorskip("onnxruntime_qnn")
 
-RECIPE = tiny_htp_recipe({"qnn.compile": "{finalization_level: 1}", "genie.package": "{prompt_tokens: [16, 100]}"})
+RECIPE = tiny_htp_recipe({"qnn.compile": "{finalization_level: 1}", "qnn.package": "{prompt_tokens: [16, 100]}"})
 LIBS = ["genie-t2t-run", "libGenie.so", "libQnnHtp.so", "libQnnHtpNetRunExtensions.so", "libQnnHtpV79Skel.so",
         "libQnnHtpV79Stub.so", "libQnnSystem.so"]
 
@@ -28,7 +28,7 @@ def test_bundle_is_the_seed_layout_and_sdk_libraries_come_from_qnn_sdk_root(tiny
             "htp-model-config-tiny-llama.json", "htp_backend_ext_config.json", "tokenizer.json",
             "lprompt_16.txt", "lprompt_100.txt", "run.sh", "SDK_LIBRARIES.txt", "manifest.json"} <= files
     assert not any(f.startswith("unshared/") or f.endswith("_qnn.bin") for f in files)  # simulator-only binaries
-    package = json.loads((tiny_htp_project.artifacts / "tq" / "genie.package" / "package.json").read_text())
+    package = json.loads((tiny_htp_project.artifacts / "tq" / "qnn.package" / "package.json").read_text())
     assert package["prompts"] == {"16": 16, "100": 100}
     assert package["binary"]["soc_model"] == 69 and sorted(g["ar"] for g in package["binary"]["graphs"].values()) == [1, 16]
     assert "soc model 69, HTP v79" in (to_device / "README.md").read_text()
@@ -42,7 +42,7 @@ def test_bundle_is_the_seed_layout_and_sdk_libraries_come_from_qnn_sdk_root(tiny
     assert "libQnnHtpV79Skel.so\t$QNN_SDK_ROOT/lib/hexagon-v79/unsigned/libQnnHtpV79Skel.so\tADD" in \
         (to_device / "SDK_LIBRARIES.txt").read_text()
 
-    from pipeline.stages.genie_package import sdk_libraries
+    from pipeline.qnn.package import sdk_libraries
     from tests.qairt_doubles.make_sdk import make_fake_sdk
 
     sdk = make_fake_sdk(tmp_path / "qairt" / "2.39.0.250926")

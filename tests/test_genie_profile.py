@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import genie_profile
 from pipeline.cli.perf import ingest
-from pipeline.errors import KilnError
+from pipeline.engine.errors import KilnError
+from pipeline.qnn import genie_profile
 
 SEED = Path(__file__).parent / "data" / "genie_perf_seed000.json"
 

@@ -1,4 +1,4 @@
-"""The device form of a QDQ graph (pipeline/htp_graph.py) computes exactly what the float-I/O QDQ
+"""The device form of a QDQ graph (pipeline/qnn/htp_graph.py) computes exactly what the float-I/O QDQ
 graph does, with quantized I/O, the embedding table on its Gather grid and float weights for
 float16 (mixed-precision) ops; and onnxruntime-qnn then compiles it whole, with no CPU fallback."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.htp_graph import TensorIO, write_device_graph
+from pipeline.qnn.htp_graph import TensorIO, write_device_graph
 
 V, H, OUT, BLOCK = 16, 8, 4, 4
 
@@ -112,7 +112,7 @@ def test_device_graph_is_exact_with_quantized_io(tmp_path):
 
 def test_onnxruntime_qnn_compiles_the_device_graph_whole(tmp_path):
     pytest.importorskip("onnxruntime_qnn")
-    from pipeline.ort_qnn import compile_graph
+    from pipeline.qnn.ort_qnn import compile_graph
 
     toy_qdq(tmp_path / "toy.onnx")
     write_device_graph(tmp_path / "toy.onnx", tmp_path / "dev.onnx")

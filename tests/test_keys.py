@@ -5,12 +5,11 @@ import os
 
 import pytest
 
-from pipeline import tools
-from pipeline.hashing import StatCache
-from pipeline.keys import compute_key, diff, key_material
-from pipeline.plan import plan
-from pipeline.recipe import load_recipe
-from pipeline.stage import Stage
+from pipeline.engine import tools
+from pipeline.engine.hashing import StatCache
+from pipeline.engine.keys import compute_key, diff, key_material
+from pipeline.engine.plan import plan
+from pipeline.registry import load_recipe, stage_class
 
 
 def keys(project, monkeypatch, name="tiny") -> dict[str, str]:
@@ -84,13 +83,14 @@ def test_tool_upgrade_rekeys_stages_using_it(tiny_project, monkeypatch):
 
 def test_stage_version_bump_rekeys(tiny_project, monkeypatch):
     before = keys(tiny_project, monkeypatch)
-    monkeypatch.setattr(Stage.registry["bundle"], "version", Stage.registry["bundle"].version + 1)
+    bundle = stage_class("bundle")
+    monkeypatch.setattr(bundle, "version", bundle.version + 1)
     after = keys(tiny_project, monkeypatch)
     assert after["model"] == before["model"] and after["bundle"] != before["bundle"]
 
 
 def test_template_edit_rekeys_bundle(tiny_project, monkeypatch, tmp_path):
-    from pipeline.stages import bundle
+    from pipeline.generic import bundle
 
     before = keys(tiny_project, monkeypatch)
     tpl = tmp_path / "README.md.j2"
@@ -126,7 +126,7 @@ def test_diff_names_changed_fields():
 
 
 def test_stat_cache_hashes_once_until_file_changes(tmp_path, monkeypatch):
-    from pipeline import hashing
+    from pipeline.engine import hashing
 
     f = tmp_path / "w.bin"
     f.write_bytes(b"x" * 1000)

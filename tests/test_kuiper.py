@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import KilnError
-from pipeline.kuiper import (
+from pipeline.engine.errors import KilnError
+from pipeline.kuiper.format import (
     HEADER,
     Header,
     dequantize_q8,
@@ -68,7 +68,7 @@ def tiny_llama(tied: bool):
 
 
 def export(model, group=32, permute=True) -> tuple[bytes, Header]:
-    import pipeline.kuiper as k
+    import pipeline.kuiper.format as k
 
     state = {n: t.detach().float().numpy() for n, t in model.state_dict().items()}
     cfg = model.config.to_dict()
@@ -144,13 +144,13 @@ def test_stage_exports_and_verifies_the_tiny_llama_and_refuses_a_4bit_scheme(tin
     import json
 
     tiny_project.write("tk.yaml", "extends: tiny\ntarget: kuiper\ncontext_length: 128\n"
-                                  "scheme: {use: kuiper_int8_g64}\nstages:\n  verify.kuiper: {prompt: w5 w9 w17 w33 w65}\n")
+                                  "scheme: {use: kuiper_int8_g64}\nstages:\n  kuiper.verify: {prompt: w5 w9 w17 w33 w65}\n")
     tiny_project.doit("recipe=tk")
     out = tiny_project.artifacts / "tk"
     meta = json.loads((out / "kuiper.export" / "kuiper.json").read_text())
     assert meta["header"] == {"dim": 64, "hidden_dim": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128,
                               "max_seq_len": 128, "group_size": 64, "shared_classifier": True}
-    report = json.loads((out / "verify.kuiper" / "verify.json").read_text())
+    report = json.loads((out / "kuiper.verify" / "verify.json").read_text())
     assert report["layout"]["max_abs_diff_vs_hf_same_int8"] < 1e-5 and report["layout"]["top1_agreement"] == 1.0
     shipped = sorted(p.name for p in (out / "bundle" / "to_device").iterdir())
     assert {"model_int8.bin", "kuiper.json", "tokenizer.json", "report", "README.md"} <= set(shipped)

@@ -6,14 +6,14 @@ import shutil
 
 import pytest
 
-from pipeline import tools
-from pipeline.elf import describe
-from pipeline.plan import plan
-from pipeline.recipe import load_recipe
-from pipeline.stages.eval_perplexity import parse_ppl
-from pipeline.stages.report import ppl_table
-from pipeline.stages.text import overlap
-from pipeline.templating import render
+from pipeline.engine import tools
+from pipeline.engine.plan import plan
+from pipeline.engine.templating import render
+from pipeline.generic.text import overlap
+from pipeline.llamacpp.elf import describe
+from pipeline.llamacpp.perplexity import parse_ppl
+from pipeline.llamacpp.report import ppl_table
+from pipeline.registry import load_recipe
 
 RK = """\
 model: {name: m, gguf: /nonexistent.gguf}
@@ -35,23 +35,23 @@ def fake_tree(path):
 
 def test_rk3568_recipe_plans_the_whole_graph():
     specs = {s.stage: s for s in plan(load_recipe("smollm2_135m_rk3568"))}
-    for node in ("llamacpp.source", "gguf.convert", "llamacpp.build@host", "llamacpp.build@rk3568",
-                 "gguf.quantize@Q4_K_M", "gguf.quantize@Q2_K", "gguf.quantize@Q8_0", "verify.llamacpp@Q2_K",
-                 "eval.perplexity@float", "eval.perplexity@Q8_0", "report", "llamacpp.package", "bundle"):
+    for node in ("llamacpp.source", "llamacpp.convert", "llamacpp.build@host", "llamacpp.build@rk3568",
+                 "llamacpp.quantize@Q4_K_M", "llamacpp.quantize@Q2_K", "llamacpp.quantize@Q8_0", "llamacpp.verify@Q2_K",
+                 "llamacpp.perplexity@float", "llamacpp.perplexity@Q8_0", "llamacpp.report", "llamacpp.package", "bundle"):
         assert node in specs, node
     assert specs["llamacpp.build@rk3568"].material["params"]["cmake_args"][:1] == ["-DCMAKE_BUILD_TYPE=Release"]
     flags = specs["llamacpp.build@rk3568"].material["params"]["cmake_args"]
     assert "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16" in flags and "-DCMAKE_EXE_LINKER_FLAGS=-static" in flags
     assert "-DBUILD_SHARED_LIBS=OFF" in flags and "-DGGML_NATIVE=OFF" in flags and "-DLLAMA_CURL=OFF" in flags
-    assert set(specs["bundle"].inputs) == {"llamacpp.build@rk3568", "gguf.quantize@Q4_K_M", "gguf.quantize@Q2_K",
-                                           "gguf.quantize@Q8_0", "report", "llamacpp.package"}
+    assert set(specs["bundle"].inputs) == {"llamacpp.build@rk3568", "llamacpp.quantize@Q4_K_M", "llamacpp.quantize@Q2_K",
+                                           "llamacpp.quantize@Q8_0", "llamacpp.report", "llamacpp.package"}
     assert "model" not in specs["bundle"].inputs  # the HF checkpoint does not go to the board
 
 
 def test_seed_8b_recipes_plan_and_stop_at_model():
     for name, qtype in (("llama31_8b_rk3568_q2k", "Q2_K"), ("llama31_8b_rk3568_q8_0", "Q8_0")):
         specs = {s.stage: s for s in plan(load_recipe(name))}
-        assert f"gguf.quantize@{qtype}" in specs
+        assert f"llamacpp.quantize@{qtype}" in specs
         assert "meta-llama/Llama-3.1-8B-Instruct" in specs["model"].blocked
         assert specs["llamacpp.build@rk3568"].blocked is None  # builds do not need the weights
 
@@ -81,7 +81,7 @@ def test_source_tree_change_rekeys_builds_not_model(project, monkeypatch, tmp_pa
     before = keys(project, monkeypatch)
     (tree / "ggml.c").write_text("int x;\n")
     after = keys(project, monkeypatch)
-    for node in ("llamacpp.source", "llamacpp.build@host", "llamacpp.build@rk3568", "gguf.convert", "bundle"):
+    for node in ("llamacpp.source", "llamacpp.build@host", "llamacpp.build@rk3568", "llamacpp.convert", "bundle"):
         assert after[node] != before[node], node
     assert after["model"] == before["model"] and after["text"] == before["text"]
 
@@ -105,8 +105,8 @@ def test_compiler_flag_change_rekeys_the_cross_build_only(project, monkeypatch):
     project.write("r.yaml", RK.replace("target: rk3568", "target: {use: rk3568, cpu: {arch: aarch64, march: armv8-a}}"))
     after = keys(project, monkeypatch)
     assert after["llamacpp.build@rk3568"] != before["llamacpp.build@rk3568"]
-    assert after["verify.llamacpp@Q4_K_M"] != before["verify.llamacpp@Q4_K_M"]
-    for node in ("llamacpp.build@host", "gguf.convert", "gguf.quantize@Q4_K_M", "eval.perplexity@Q4_K_M"):
+    assert after["llamacpp.verify@Q4_K_M"] != before["llamacpp.verify@Q4_K_M"]
+    for node in ("llamacpp.build@host", "llamacpp.convert", "llamacpp.quantize@Q4_K_M", "llamacpp.perplexity@Q4_K_M"):
         assert after[node] == before[node], node
 
 
@@ -125,11 +125,11 @@ def test_switching_quant_type_keeps_builds(project, monkeypatch):
     before = keys(project, monkeypatch)
     project.write("r.yaml", RK.replace("gguf_types: [Q4_K_M]", "gguf_types: [Q8_0]"))
     after = keys(project, monkeypatch)
-    for node in ("llamacpp.source", "llamacpp.build@host", "llamacpp.build@rk3568", "gguf.convert", "text",
-                 "eval.perplexity@float"):
+    for node in ("llamacpp.source", "llamacpp.build@host", "llamacpp.build@rk3568", "llamacpp.convert", "text",
+                 "llamacpp.perplexity@float"):
         assert after[node] == before[node], node
-    assert "gguf.quantize@Q8_0" in after and "gguf.quantize@Q4_K_M" not in after
-    assert after["bundle"] != before["bundle"] and after["report"] != before["report"]
+    assert "llamacpp.quantize@Q8_0" in after and "llamacpp.quantize@Q4_K_M" not in after
+    assert after["bundle"] != before["bundle"] and after["llamacpp.report"] != before["llamacpp.report"]
 
 
 def test_missing_cross_compiler_names_the_apt_command(project, monkeypatch, tmp_path):
@@ -148,11 +148,11 @@ def test_missing_cross_compiler_names_the_apt_command(project, monkeypatch, tmp_
     blocked = specs["llamacpp.build@rk3568"].blocked
     assert blocked and "`aarch64-linux-gnu-gcc` is not installed: run `sudo apt-get install gcc-aarch64-linux-gnu`" in blocked
     assert specs["llamacpp.build@host"].blocked is None
-    assert "aarch64-linux-gnu-gcc" in specs["verify.llamacpp@Q4_K_M"].blocked  # downstream says why
+    assert "aarch64-linux-gnu-gcc" in specs["llamacpp.verify@Q4_K_M"].blocked  # downstream says why
 
 
 def test_bad_gguf_type_is_a_recipe_error(project, monkeypatch):
-    from pipeline.errors import RecipeError
+    from pipeline.engine.errors import RecipeError
 
     project.write("r.yaml", RK.replace("[Q4_K_M]", "[Q4_K_X]"))
     with pytest.raises(RecipeError, match=r"r.yaml:3: scheme.gguf_types\[0\]: expected one of 'Q2_K', .*got 'Q4_K_X'"):
@@ -171,7 +171,7 @@ def test_parse_ppl_and_table():
 
 
 def test_text_overlap_detection_and_kjv_slices():
-    from pipeline.stages.text import kjv_text
+    from pipeline.generic.text import kjv_text
 
     gen, exod = kjv_text("Gen1:1-2:3"), kjv_text("Exod1:1-1:10")
     assert gen.startswith("In the beginning God created the heaven and the earth.")

@@ -18,7 +18,7 @@ import pytest
 from conftest import new_project
 
 from pipeline import ROOT
-from pipeline.settings import Settings
+from pipeline.engine.settings import Settings
 
 pytestmark = pytest.mark.slow
 SHIPPED = "smollm2_135m_rk3568"
@@ -69,7 +69,7 @@ def test_run_sh_under_qemu_prints_coherent_text(rk):
 
 def test_report_has_ppl_for_float_and_every_quant_type(rk):
     project, _ = rk
-    report = json.loads((project.artifacts / RECIPE / "report" / "report.json").read_text())
+    report = json.loads((project.artifacts / RECIPE / "llamacpp.report" / "report.json").read_text())
     ppl = {r["type"]: r["ppl"] for r in report["perplexity"]}
     assert set(ppl) == {"F16", "Q4_K_M", "Q2_K", "Q8_0"}
     assert all(1 < v < 1000 for v in ppl.values())
@@ -82,7 +82,7 @@ def test_switching_quant_type_reruns_no_build(rk):
     project, _ = rk
     project.write("switched.yaml", f"extends: {RECIPE}\nscheme: {{use: gguf_q8_0}}\n")
     explain = project.doit("explain", "recipe=switched").stdout
-    for node in ("llamacpp.build@host", "llamacpp.build@rk3568", "gguf.convert", "llamacpp.source"):
+    for node in ("llamacpp.build@host", "llamacpp.build@rk3568", "llamacpp.convert", "llamacpp.source"):
         assert re.search(rf"switched:{re.escape(node)} \[\w+…\]: store hit", explain), explain
     out = project.doit("recipe=switched").stdout
     assert not re.search(r"llamacpp\.build@\S+: built", out)
@@ -91,8 +91,8 @@ def test_switching_quant_type_reruns_no_build(rk):
 def test_store_entries_are_untouched_by_the_build(rk, monkeypatch):
     """Bundling links files from the store; nothing may write through those links."""
     from pipeline.cli.verify import verify
-    from pipeline.plan import plan
-    from pipeline.recipe import load_recipe
+    from pipeline.engine.plan import plan
+    from pipeline.registry import load_recipe
 
     project, _ = rk
     keys = {s.key for s in plan(load_recipe(RECIPE, project.settings(monkeypatch)))}
@@ -103,13 +103,13 @@ def test_store_entries_are_untouched_by_the_build(rk, monkeypatch):
 def test_imatrix_option_quantizes_with_calibration_text(rk):
     project, _ = rk
     project.write("imat.yaml", f"extends: {RECIPE}\nscheme: {{use: gguf_q4_k_m, gguf_types: [Q4_K_M], gguf_imatrix: true}}\n")
-    out = project.doit("recipe=imat", "imat:eval.perplexity@Q4_K_M").stdout  # up to the PPL, not the bundle
+    out = project.doit("recipe=imat", "imat:llamacpp.perplexity@Q4_K_M").stdout  # up to the PPL, not the bundle
     # built here, or found in the shared store from an earlier run
     assert re.search(r"imat:gguf\.imatrix: (built|hit|reused) ", out)
     assert re.search(r"imat:gguf\.quantize@Q4_K_M: (built|hit|reused) ", out)
-    imatrix = project.artifacts / "imat" / "gguf.imatrix" / "imatrix.gguf"
+    imatrix = project.artifacts / "imat" / "llamacpp.imatrix" / "imatrix.gguf"
     assert imatrix.stat().st_size > 10_000
-    with_imatrix = json.loads((project.artifacts / "imat" / "eval.perplexity@Q4_K_M" / "perplexity.json").read_text())
-    without = json.loads((project.artifacts / RECIPE / "eval.perplexity@Q4_K_M" / "perplexity.json").read_text())
+    with_imatrix = json.loads((project.artifacts / "imat" / "llamacpp.perplexity@Q4_K_M" / "perplexity.json").read_text())
+    without = json.loads((project.artifacts / RECIPE / "llamacpp.perplexity@Q4_K_M" / "perplexity.json").read_text())
     # calibration (Genesis) is disjoint from evaluation (Exodus); the imatrix must not hurt
     assert with_imatrix["ppl"] <= without["ppl"] * 1.01

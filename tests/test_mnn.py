@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import KilnError
-from pipeline.mnn import render_config
-from pipeline.stages.mnn_config import MnnConfigParams
-from pipeline.stages.mnn_export import check_block
+from pipeline.engine.errors import KilnError
+from pipeline.mnn.export import check_block
+from pipeline.mnn.runtime import MnnConfigParams, render_config
 
 pytest.importorskip("MNN")
 
@@ -61,7 +60,7 @@ target: mnn_arm
 scheme: {use: mnn_int4_b64, weights: {bits: 4, granularity: per-block, block_size: BLOCK, symmetric: false}}
 stages:
   mnn.config: {thread_num: THREADS}
-  verify.mnn: {chat: The capital of Germany is, chat_tokens: 4, min_cosine: 0.5, match_tokens: 1}
+  mnn.verify: {chat: The capital of Germany is, chat_tokens: 4, min_cosine: 0.5, match_tokens: 1}
 """
 
 
@@ -86,10 +85,10 @@ def test_stages_on_the_tiny_llama_and_a_thread_tweak_reruns_only_the_config(tiny
     import MNN
 
     assert MNN.get_model_uuid(str(out / "mnn.export" / "llm.mnn")) == export["uuid"]
-    verify = json.loads((out / "verify.mnn" / "verify.json").read_text())
+    verify = json.loads((out / "mnn.verify" / "verify.json").read_text())
     assert verify["runtime"]["sampler_type"] == "greedy"  # the answer in the README is reproducible
     assert verify["logits_cosine"] >= 0.5 and verify["matching_prefix"] >= 1
-    assert json.loads((out / "verify.mnn" / "timings.json").read_text())["decode_tokens_per_s"] > 0
+    assert json.loads((out / "mnn.verify" / "timings.json").read_text())["decode_tokens_per_s"] > 0
     to_device = out / "bundle" / "to_device"
     assert json.loads((to_device / "config.json").read_text())["thread_num"] == 4
     assert {"llm.mnn", "llm.mnn.weight", "tokenizer.mtok", "llm_config.json", "report", "run.sh"} <= \
@@ -112,14 +111,14 @@ def test_stages_on_the_tiny_llama_and_a_thread_tweak_reruns_only_the_config(tiny
 def same_tarball_when_built_again(project, out) -> None:
     """Every stage after the model built again from scratch: the same tarball, byte for byte
     (llm.mnn's uuid comes from the key; timings are not shipped)."""
-    from pipeline.store import remove_tree
+    from pipeline.engine.store import remove_tree
 
     tarball = out / "bundle" / "tm.tar.gz"
     before = hashlib.sha256(tarball.read_bytes()).hexdigest()
-    for stage in ("mnn.export", "mnn.config", "verify.mnn", "mnn.package", "bundle"):
+    for stage in ("mnn.export", "mnn.config", "mnn.verify", "mnn.package", "bundle"):
         remove_tree(Path(json.loads((out / stage / ".kiln-entry.json").read_text())["entry"]))
     built = re.findall(r"kiln: \S+:(\S+): built ", project.doit("recipe=tm").stdout)
-    assert sorted(built) == ["bundle", "mnn.config", "mnn.export", "mnn.package", "verify.mnn"]
+    assert sorted(built) == ["bundle", "mnn.config", "mnn.export", "mnn.package", "mnn.verify"]
     assert hashlib.sha256(tarball.read_bytes()).hexdigest() == before
 
 
@@ -153,14 +152,14 @@ def test_a_scheme_llmexport_cannot_do_is_refused_at_plan_time(tiny_project):
 
 
 def test_recipe_text_lands_in_run_sh_as_one_quoted_word(tmp_path):
-    from pipeline.templating import environment
+    from pipeline.engine.templating import environment
 
     nasty = "it's $(touch " + str(tmp_path / "pwned") + ") `id` \"q\""
     script = environment().from_string('Q={{ v | shquote }}\nprintf %s "$Q"\n').render(v=nasty)
     done = subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout == nasty and not (tmp_path / "pwned").exists()
     for template in ("mnn/run.sh.j2", "llamacpp/run.sh.j2", "genie/run.sh.j2"):
-        from pipeline.templating import TEMPLATES
+        from pipeline.engine.templating import TEMPLATES
 
         text = (TEMPLATES / template).read_text()
         assert re.findall(r"\{\{ *(?:chat|verify\.prompt|prompt|device_dir) *\}\}", text) == [], template

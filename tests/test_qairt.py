@@ -1,4 +1,4 @@
-"""The `qairt` qnn.compile provider (pipeline/qairt.py) against test doubles of the QAIRT SDK tools.
+"""The `qairt` qnn.compile provider (pipeline/qnn/qairt.py) against test doubles of the QAIRT SDK tools.
 
 The SDK cannot be installed here, so tests/qairt_doubles stands in for its three tools: they parse argv
 with the real flag names, check their inputs, log their argv, and write stand-in outputs. These tests pin
@@ -18,9 +18,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from qairt_doubles.make_sdk import DOUBLES, make_fake_sdk
 
-from pipeline import qairt
-from pipeline.errors import KilnError, ToolMissing
-from pipeline.quant import encodings as enc
+from pipeline.engine.errors import KilnError, ToolMissing
+from pipeline.qnn import qairt
+from pipeline.qnn.quant import encodings as enc
 
 HOST = "x86_64-linux-clang"
 GRAPHS = ("tiny_ar4_cl16", "tiny_ar1_cl16")  # widest first, as compile_shared expects

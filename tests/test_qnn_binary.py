@@ -1,4 +1,4 @@
-"""pipeline.qnn_binary against context binaries compiled here by onnxruntime-qnn from a tiny QDQ model."""
+"""pipeline.qnn.qnn_binary against context binaries compiled here by onnxruntime-qnn from a tiny QDQ model."""
 from __future__ import annotations
 
 import ctypes
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import qnn_binary
-from pipeline.errors import ToolMissing
-from pipeline.qnn_binary import QnnBinaryError, check_binary, read_binary_info
+from pipeline.engine.errors import ToolMissing
+from pipeline.qnn import qnn_binary
+from pipeline.qnn.qnn_binary import QnnBinaryError, check_binary, read_binary_info
 
 onnxruntime_qnn = pytest.importorskip("onnxruntime_qnn")
 ort = pytest.importorskip("onnxruntime")

@@ -65,7 +65,7 @@ def test_qnn_compile_shared_and_unshared_then_soc_change_recompiles_only(tiny_ht
 def same_bytes_when_built_again(tiny_htp_project, out: Path) -> None:
     """The entry removed and built again (another scratch dir): identical binaries and EPContext
     models — onnxruntime names graphs by the model's path unless it is loaded from bytes."""
-    from pipeline.store import remove_tree
+    from pipeline.engine.store import remove_tree
 
     def digests() -> dict[str, str]:
         return {f.relative_to(out).as_posix(): hashlib.sha256(f.read_bytes()).hexdigest()
@@ -80,10 +80,10 @@ def same_bytes_when_built_again(tiny_htp_project, out: Path) -> None:
 def simulator_matches_cpu(tiny_htp_project, out: Path, io: dict) -> None:
     """The unshared AR-16 binary on the x86 HTP simulator vs the CPU QDQ graph, on the export's test
     vectors quantized to the device I/O."""
-    from pipeline.onnx_check import ort_session
-    from pipeline.ort_qnn import simulator_session
+    from pipeline.qnn.onnx_check import ort_session
+    from pipeline.qnn.ort_qnn import simulator_session
 
-    vectors = np.load(tiny_htp_project.artifacts / "tq" / "export.onnx@ar16" / "test_vectors.npz")
+    vectors = np.load(tiny_htp_project.artifacts / "tq" / "qnn.export@ar16" / "test_vectors.npz")
     feed_q, feed_f = {}, {}
     for t in io["inputs"]:
         v = vectors[f"in.{t['name']}"]
@@ -95,7 +95,7 @@ def simulator_matches_cpu(tiny_htp_project, out: Path, io: dict) -> None:
         feed_q[t["name"]] = np.clip(np.rint(v / t["scale"]) + t["zero_point"], info.min, info.max).astype(t["dtype"])
         feed_f[t["name"]] = ((feed_q[t["name"]].astype(np.float32) - t["zero_point"]) * t["scale"]).astype(np.float32)
     htp = simulator_session(out / "unshared" / "tiny-llama_ar16_cl64.onnx", 69, 79).run(None, feed_q)
-    cpu = ort_session(tiny_htp_project.artifacts / "tq" / "quantize" / "tiny-llama_ar16_cl64.qdq.onnx").run(None, feed_f)
+    cpu = ort_session(tiny_htp_project.artifacts / "tq" / "qnn.quantize" / "tiny-llama_ar16_cl64.qdq.onnx").run(None, feed_f)
     for t, h, c in zip(io["outputs"], htp, cpu):
         h = (h.astype(np.float32) - t["zero_point"]) * t["scale"]
         cos = float((h * c).sum() / (np.linalg.norm(h) * np.linalg.norm(c)))

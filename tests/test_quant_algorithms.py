@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.quant.algorithms import RATIOS, gptq, hessian, mse, rtn, seqmse
-from pipeline.quant.grid import Grid, quantize, scale_zero
+from pipeline.qnn.quant.algorithms import RATIOS, gptq, hessian, mse, rtn, seqmse
+from pipeline.qnn.quant.grid import Grid, quantize, scale_zero
 
 GRIDS = [Grid(4, "per-channel"), Grid(4, "per-block", 8), Grid(8, "per-tensor"), Grid(4, "per-channel", symmetric=False)]
 
@@ -88,7 +88,7 @@ def test_block_size_must_divide_width():
 
 
 def test_blocks_that_do_not_divide_the_input_width_fall_back_to_per_channel():
-    from pipeline.quant.model import grid_for
+    from pipeline.qnn.quant.model import grid_for
 
     scheme = {"weights": {"bits": 4, "granularity": "per-block", "block_size": 128, "symmetric": True},
               "overrides": [{"match": "lm_head", "weights": {"bits": 8, "granularity": "per-channel"}}]}

@@ -7,8 +7,8 @@ import pytest
 import torch
 from test_export_onnx import tiny_hf
 
-from pipeline.quant import algorithms
-from pipeline.quant.model import HessianTap, quantize_weights
+from pipeline.qnn.quant import algorithms
+from pipeline.qnn.quant.model import HessianTap, quantize_weights
 
 SCHEME = {"weights": {"bits": 3, "granularity": "per-channel", "symmetric": True}, "overrides": []}
 BATCHES = [torch.tensor([[5, 9, 17, 3, 44, 2, 90, 7]]), torch.tensor([[1, 60, 61, 12, 8]])]

@@ -6,9 +6,9 @@ import math
 import torch
 from test_export_onnx import tiny_hf
 
-from pipeline.adapted_llama import AdaptedLlama, io_names, run_steps, step_inputs, torch_step
-from pipeline.quant import qdq
-from pipeline.quant.sim import QuantSim
+from pipeline.qnn.adapted_llama import AdaptedLlama, io_names, run_steps, step_inputs, torch_step
+from pipeline.qnn.quant import qdq
+from pipeline.qnn.quant.sim import QuantSim
 
 IDS = [5, 9, 17, 3, 44, 2, 90, 7, 61, 12]
 

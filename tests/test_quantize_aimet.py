@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from pipeline.errors import KilnError
-from pipeline.quant import encodings
-from pipeline.quant.encodings import Encoding
+from pipeline.engine.errors import KilnError
+from pipeline.qnn.quant import encodings
+from pipeline.qnn.quant.encodings import Encoding
 from tests.conftest import tiny_htp_recipe
 
 RECIPE = tiny_htp_recipe(scheme="w4a16_kv8", algorithm="ALGO", scheme_extra="engine: aimet")
@@ -19,8 +19,8 @@ RECIPE = tiny_htp_recipe(scheme="w4a16_kv8", algorithm="ALGO", scheme_extra="eng
 @pytest.mark.parametrize("algorithm", ["rtn", "seqmse"])
 def test_aimet_engine_encodings_validate_and_qdq_matches_aimet_sim(tiny_htp_project, algorithm):
     tiny_htp_project.write("ta.yaml", RECIPE.replace("ALGO", algorithm))
-    tiny_htp_project.doit("recipe=ta", "ta:quantize")
-    out = tiny_htp_project.artifacts / "ta" / "quantize"
+    tiny_htp_project.doit("recipe=ta", "ta:qnn.quantize")
+    out = tiny_htp_project.artifacts / "ta" / "qnn.quantize"
     report = json.loads((out / "quantize.json").read_text())
     assert report["engine"] == "aimet" and report["algorithm"] == algorithm
     assert 1 < report["ppl_float"] and 1 < report["ppl_sim"]

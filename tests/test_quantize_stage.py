@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from pipeline.quant import encodings
+from pipeline.qnn.quant import encodings
 from tests.conftest import tiny_htp_recipe
 
 RECIPE = tiny_htp_recipe(scheme="w4a16_kv8", algorithm="ALGO")
@@ -17,22 +17,22 @@ def built(out: str) -> list[str]:
 
 def test_quantize_stage_outputs_then_algorithm_change_reruns_only_quantize(tiny_htp_project):
     tiny_htp_project.write("tq.yaml", RECIPE.replace("ALGO", "rtn"))
-    tiny_htp_project.doit("recipe=tq", "tq:quantize")
+    tiny_htp_project.doit("recipe=tq", "tq:qnn.quantize")
     check_outputs(tiny_htp_project, "rtn")
     for before, algorithm in (("rtn", "seqmse"), ("seqmse", "gptq")):
         tiny_htp_project.write("tq.yaml", RECIPE.replace("ALGO", algorithm))
         explain = tiny_htp_project.doit("explain", "recipe=tq").stdout
-        assert re.search(r"tq:export.onnx@ar16 \[\w+…\]: up to date", explain)
+        assert re.search(r"tq:qnn.export@ar16 \[\w+…\]: up to date", explain)
         assert f'params.algorithm: "{before}" → "{algorithm}"' in explain
-        assert built(tiny_htp_project.doit("recipe=tq", "tq:quantize").stdout) == ["quantize"]
+        assert built(tiny_htp_project.doit("recipe=tq", "tq:qnn.quantize").stdout) == ["qnn.quantize"]
         check_outputs(tiny_htp_project, algorithm)
 
 
 def check_outputs(tiny_project, algorithm: str) -> None:
-    report = json.loads((tiny_project.artifacts / "tq" / "quantize" / "quantize.json").read_text())
+    report = json.loads((tiny_project.artifacts / "tq" / "qnn.quantize" / "quantize.json").read_text())
     assert report["algorithm"] == algorithm and report["ppl_float"] > 1 and report["ppl_sim"] > 1
     assert abs(report["qdq_vs_sim_pct"]) <= 1.0  # the QDQ graph computes what the sim does
-    out = tiny_project.artifacts / "tq" / "quantize"
+    out = tiny_project.artifacts / "tq" / "qnn.quantize"
     assert {g["ar"] for g in report["graphs"]} == {16, 1}
     for g in report["graphs"]:
         assert (out / g["qdq"]).exists() and g["export_check"]["top1_agreement"] == 1.0
@@ -62,7 +62,7 @@ def test_encodings_061_with_per_block_weights_is_refused_at_plan_time(tiny_proje
     tiny_project.write("tq.yaml", RECIPE.replace("ALGO", "rtn").replace("eval_windows: 2", "eval_windows: 2, encodings_version: '0.6.1'"))
     proc = tiny_project.doit("recipe=tq", check=False)
     assert proc.returncode != 0
-    assert re.search(r"tq.yaml:7: stages.quantize.encodings_version: 0.6.1 cannot express the per-block weights "
+    assert re.search(r"tq.yaml:7: stages.qnn.quantize.encodings_version: 0.6.1 cannot express the per-block weights "
                      r"of scheme 'w4a16_kv8'; use 1.0.0", proc.stdout + proc.stderr)
 
 
@@ -70,8 +70,8 @@ def test_qdq_sim_gap_above_tolerance_fails_and_publishes_nothing(tiny_htp_projec
     tiny_htp_project.write("tq.yaml", RECIPE.replace("ALGO", "rtn").replace(
         "eval_windows: 2", "eval_windows: 2, max_qdq_sim_gap_pct: 0.000001, encodings_version: '0.6.1'").replace(
         "use: w4a16_kv8", "use: w8a16_kv8"))
-    proc = tiny_htp_project.doit("recipe=tq", "tq:quantize", check=False)
+    proc = tiny_htp_project.doit("recipe=tq", "tq:qnn.quantize", check=False)
     assert proc.returncode != 0
-    assert re.search(r"quantize: the QDQ ONNX \(PPL [\d.]+\) and the kiln sim \(PPL [\d.]+\) differ by [-+][\d.]+%, "
+    assert re.search(r"qnn.quantize: the QDQ ONNX \(PPL [\d.]+\) and the kiln sim \(PPL [\d.]+\) differ by [-+][\d.]+%, "
                      r"more than max_qdq_sim_gap_pct 1e-06", proc.stdout + proc.stderr)
-    assert not (tiny_htp_project.artifacts / "tq" / "quantize").exists()
+    assert not (tiny_htp_project.artifacts / "tq" / "qnn.quantize").exists()

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import RecipeError
-from pipeline.recipe import available, load_recipe
-from pipeline.settings import Settings
+from pipeline.engine.errors import RecipeError
+from pipeline.engine.settings import Settings
+from pipeline.recipe.load import available
+from pipeline.registry import load_recipe
 
 
 def load(project, monkeypatch, name="r"):
@@ -28,7 +29,7 @@ scheme: fp32
 
 
 def test_every_shipped_recipe_validates_and_plans():
-    from pipeline.plan import plan
+    from pipeline.engine.plan import plan
 
     settings = Settings.from_env()
     names = available(settings.recipes_dir)
@@ -42,12 +43,12 @@ def test_every_shipped_recipe_validates_and_plans():
 
 
 def test_missing_model_plans_and_says_how_to_provide_it():
-    from pipeline.plan import plan
+    from pipeline.engine.plan import plan
 
     specs = {s.stage: s for s in plan(load_recipe("llama32_1b_sm8750", Settings.from_env()))}
     blocked = specs["model"].blocked
     assert "meta-llama/Llama-3.2-1B-Instruct" in blocked and "hf download" in blocked and "model.hf_dir" in blocked
-    for node in ("export.onnx@ar128", "export.onnx@ar1", "quantize", "bundle"):  # everything built from the weights
+    for node in ("qnn.export@ar128", "qnn.export@ar1", "qnn.quantize", "bundle"):  # everything built from the weights
         assert specs[node].blocked == blocked
     assert specs["text"].blocked is None  # the text does not need the weights
 

@@ -1,4 +1,4 @@
-"""pipeline.sandbox: a tool that tries pip or the network fails loudly (even when it swallows the
+"""pipeline.engine.sandbox: a tool that tries pip or the network fails loudly (even when it swallows the
 refusal), a well-behaved one runs, and MNN's real converter makes no attempt inside it."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 
-from pipeline.errors import KilnError
-from pipeline.sandbox import run_sandboxed
+from pipeline.engine.errors import KilnError
+from pipeline.engine.sandbox import run_sandboxed
 
 
 def tool(tmp_path, body: str) -> list[str]:

@@ -14,9 +14,9 @@ import pytest
 
 from pipeline.cli.gc import gc
 from pipeline.cli.verify import verify
-from pipeline.lock import FileLock
-from pipeline.materialize import materialize
-from pipeline.store import Store
+from pipeline.engine.lock import FileLock
+from pipeline.engine.materialize import materialize
+from pipeline.engine.store import Store
 
 KEY = "ab" * 32
 
@@ -52,7 +52,7 @@ def test_second_publish_of_same_key_is_discarded(tmp_path):
 WRITER = """
 import sys, time
 from pathlib import Path
-from pipeline.store import Store
+from pipeline.engine.store import Store
 store = Store(Path(sys.argv[1]))
 scratch = store.new_scratch(sys.argv[2])
 with open(scratch / "out" / "big.bin", "wb") as f:
@@ -192,7 +192,7 @@ def test_gc_keeps_needed_entries_and_applies_age_and_budget(tiny_project, monkey
 def test_link_tree_never_writes_through_an_existing_hard_link(tmp_path, method):
     """Linking into a directory that already holds a hard link of the source must leave the
     source intact (a truncating open once emptied a store entry's weight file this way)."""
-    from pipeline.materialize import link_tree
+    from pipeline.engine.materialize import link_tree
 
     src, dst = tmp_path / "entry", tmp_path / "scratch"
     src.mkdir()

@@ -1,4 +1,4 @@
-"""verify.htp on the tiny model: the unshared binaries on the x86 HTP simulator agree with the
+"""qnn.verify on the tiny model: the unshared binaries on the x86 HTP simulator agree with the
 float model and the CPU QDQ graphs, and the real Genie runtime, driven by the bundle's config,
 answers like the float model."""
 from __future__ import annotations
@@ -11,14 +11,14 @@ from tests.conftest import tiny_htp_recipe
 
 pytest.importorskip("onnxruntime_qnn")
 
-RECIPE = tiny_htp_recipe({"qnn.compile": "{finalization_level: 1}", "verify.htp": (
+RECIPE = tiny_htp_recipe({"qnn.compile": "{finalization_level: 1}", "qnn.verify": (
     '{text_tokens: 20, decode_steps: 2, prompts: ["w1 w2 w3 w4"], max_new_tokens: 3, match_tokens: 2}')})
 
 
 def test_simulator_and_genie_agree_with_the_float_model(tiny_htp_project):
     tiny_htp_project.write("tv.yaml", RECIPE)
-    tiny_htp_project.doit("recipe=tv", "tv:verify.htp")
-    out = tiny_htp_project.artifacts / "tv" / "verify.htp"
+    tiny_htp_project.doit("recipe=tv", "tv:qnn.verify")
+    out = tiny_htp_project.artifacts / "tv" / "qnn.verify"
     report = json.loads((out / "verify.json").read_text())
     n = report["numerics"]
     assert n["tokens"] == 21 and n["decode_steps"] == 2  # BOS + 20: two AR-16 prefill steps, then AR-1

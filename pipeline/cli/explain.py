@@ -1,12 +1,12 @@
 """explain: which stages of a recipe would run, and which input of their key changed."""
 from __future__ import annotations
 
-from ..keys import diff
-from ..plan import StageSpec, plan
-from ..recipe import load_recipe
-from ..runner import is_up_to_date, workspace_key
-from ..settings import Settings
-from ..store import Store
+from pipeline.engine.keys import diff
+from pipeline.engine.plan import StageSpec, plan
+from pipeline.engine.runner import is_up_to_date, workspace_key
+from pipeline.engine.settings import Settings
+from pipeline.engine.store import Store
+from pipeline.registry import load_recipe
 
 
 def explain_stage(spec: StageSpec) -> str:

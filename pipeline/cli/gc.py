@@ -5,12 +5,13 @@ import json
 import time
 from pathlib import Path
 
-from ..errors import KilnError
-from ..plan import plan
-from ..recipe import available, load_recipe
-from ..runner import ENTRY_MARK
-from ..settings import Settings
-from ..store import Store, remove_tree
+from pipeline.engine.errors import KilnError
+from pipeline.engine.plan import plan
+from pipeline.engine.runner import ENTRY_MARK
+from pipeline.engine.settings import Settings
+from pipeline.engine.store import Store, remove_tree
+from pipeline.recipe.load import available
+from pipeline.registry import load_recipe
 
 
 def needed_keys(settings: Settings, store_root: Path) -> set[str]:

@@ -1,9 +1,10 @@
 """Small verbs: list recipes, fetch downloads, print the recipe reference."""
 from __future__ import annotations
 
-from ..downloads import fetch_all
-from ..recipe import available, load_recipe
-from ..settings import Settings
+from pipeline.engine.settings import Settings
+from pipeline.generic.downloads import fetch_all
+from pipeline.recipe.load import available
+from pipeline.registry import load_recipe
 
 
 def list_recipes(settings: Settings) -> int:
@@ -23,6 +24,6 @@ def add_parser(sub) -> None:
     sub.add_parser("list", help="list recipes").set_defaults(func=lambda a, s: list_recipes(s))
     sub.add_parser("fetch", help="download the embedded models and the llama.cpp sdist (setup.sh runs it)") \
         .set_defaults(func=lambda a, s: fetch())
-    from .docs import add_parser as add_docs
+    from pipeline.cli.docs import add_parser as add_docs
 
     add_docs(sub)

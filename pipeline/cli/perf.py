@@ -6,9 +6,9 @@ import json
 import re
 from pathlib import Path
 
-from .. import genie_profile
-from ..errors import KilnError
-from ..recipe import load_recipe
+from pipeline.engine.errors import KilnError
+from pipeline.qnn import genie_profile
+from pipeline.registry import load_recipe
 
 
 def ingest(recipe_name: str, perf: Path, label: str, artifacts: Path) -> Path:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..store import Store, file_manifest
+from pipeline.engine.store import Store, file_manifest
 
 
 def verify(store_root: Path, only: set[str] | None = None) -> tuple[int, list[str]]:

@@ -1,0 +1,62 @@
+"""doit glue: planned stages → doit task dicts. Imported by dodo.py.
+
+One task per stage, `<recipe>:<stage>`, plus a group task `<recipe>` (the
+default). Up-to-date is one cheap check over the key (runner.is_up_to_date):
+no file_dep, so doit never md5s a large file.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from doit.exceptions import TaskFailed
+
+from pipeline.engine.errors import KilnError
+from pipeline.engine.plan import StageSpec, plan
+from pipeline.engine.runner import build, is_up_to_date, say
+from pipeline.engine.settings import Settings
+from pipeline.recipe.load import Recipe
+from pipeline.registry import load_recipe
+
+
+def load_or_exit(name: str, settings: Settings) -> tuple[Recipe, list[StageSpec]]:
+    """Recipe errors end the process with the message alone (no traceback), exit 2."""
+    try:
+        recipe = load_recipe(name, settings)
+        return recipe, plan(recipe)
+    except KilnError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _action(spec: StageSpec, settings: Settings, last: bool) -> Any:
+    def run() -> Any:
+        try:
+            build(spec, settings)
+        except KilnError as e:
+            return TaskFailed(str(e))
+        if last and spec.stage == "bundle":
+            tar = spec.workspace / f"{spec.recipe}.tar.gz"
+            say(f"bundle ready: {settings.shown(spec.workspace / 'to_device')} (tarball {settings.shown(tar)})")
+        return None
+    return run
+
+
+def stage_tasks(recipe: Recipe, specs: list[StageSpec], settings: Settings) -> Iterator[dict[str, Any]]:
+    by_key = {s.stage: s for s in specs}
+    for i, spec in enumerate(specs):
+        yield {
+            "basename": spec.task_name,
+            "doc": f"stage {spec.stage} (key {spec.key[:12]}…)",
+            "actions": [(_action(spec, settings, last=i == len(specs) - 1), [], {})],
+            "task_dep": [by_key[d].task_name for d in spec.inputs],
+            "uptodate": [lambda s=spec: is_up_to_date(s)],
+            "verbosity": 2,
+        }
+    yield {
+        "basename": recipe.name,
+        "doc": recipe.spec.description or f"build recipe {recipe.name}",
+        "actions": None,
+        "task_dep": [s.task_name for s in specs],
+    }

@@ -1,0 +1,33 @@
+"""Running third-party tools from a stage: argv lists only, output to the stage log."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.engine.errors import KilnError
+
+
+def run_tool(argv: list[str | Path], *, env: dict[str, str] | None = None, cwd: Path | None = None,
+             capture: bool = False, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run a tool (never through a shell). Its output streams into the stage log unless captured.
+
+    A non-zero exit raises KilnError naming the tool and, when captured, the end of its output.
+    """
+    args = [str(a) for a in argv]
+    print("$ " + shlex.join(args), flush=True)  # for the log only; never executed as a string
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run(args, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL, timeout=timeout,
+                          stdout=subprocess.PIPE if capture else sys.stdout,
+                          stderr=subprocess.PIPE if capture else subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        tail = "" if not capture else "\n" + "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise KilnError(f"{Path(args[0]).name} exited with {proc.returncode}{tail}")
+    return proc
+
+
+def threads() -> str:
+    """Threads for host tools (llama.cpp, MNN): not part of any key (results do not depend on it)."""
+    return os.environ.get("KILN_JOBS") or str(os.cpu_count() or 2)

@@ -1,0 +1,129 @@
+"""The Stage base class: one subclass per stage module (listed in pipeline/registry.py).
+
+A subclass declares, in one place: its `name` (`<backend>.<verb>`, or a bare
+name for backend-neutral stages), `version` (bump when its output changes for
+the same inputs), `Params` (the schema of `stages.<name>` in a recipe, which
+also documents it), the `runtimes` it serves, the `tools` whose fingerprints
+enter its key, its `resource` class, and classmethods that read the recipe:
+extra conditions, which stages feed it, which params and source files enter
+its key. `run` does the work in a child process, writing only into `ctx.out`
+(scratch space in `ctx.tmp`, never published); heavy libraries are imported
+inside `run`, never at module level.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from pipeline.recipe.load import Recipe
+
+
+def node_id(name: str, variant: str = "") -> str:
+    """A graph node: the stage's name, plus `@variant` when it runs once per variant."""
+    return f"{name}@{variant}" if variant else name
+
+
+def stage_name(node: str) -> str:
+    """The stage name of a node id (`llamacpp.quantize@Q8_0` → `llamacpp.quantize`)."""
+    return node.partition("@")[0]
+
+
+class Strict(BaseModel):
+    """Base of every schema a recipe fills: unknown keys refused, values frozen once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(Strict):
+    """A stage with no settings of its own."""
+
+
+@dataclass
+class StageContext:
+    """What a running stage sees: its params, its inputs' outputs, its sources, its output dir."""
+
+    recipe_name: str
+    variant: str
+    params: dict[str, Any]
+    inputs: dict[str, Path]
+    sources: dict[str, Path]
+    out: Path
+    tmp: Path    # scratch space beside `out`, removed after the run and never published
+    key: str
+    cache: Path  # per-store mutable cache for tools (ccache), shared by every build of any key
+    input_keys: dict[str, str] = field(default_factory=dict)
+    input_tools: dict[str, dict[str, str]] = field(default_factory=dict)  # tool versions behind each input
+    tools: dict[str, str] = field(default_factory=dict)
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("kiln.stage"))
+
+
+class Stage:
+    name: ClassVar[str]
+    version: ClassVar[int]
+    Params: ClassVar[type[BaseModel]] = NoParams
+    # Target runtimes (`recipes/targets/*.yaml`: runtime) the stage serves; empty = every one.
+    runtimes: ClassVar[tuple[str, ...]] = ()
+    tools: ClassVar[tuple[str, ...]] = ()
+    resource: ClassVar[Literal["light", "heavy"]] = "light"
+    # Top-level files of the output that stay out of the bundle: measurements of the machine that
+    # built it (timings, logs with timestamps), different on every build, so the bundle is not.
+    unshipped: ClassVar[tuple[str, ...]] = ()
+    # The output names its recipe (bundle, READMEs, run.sh): the recipe's name enters the key. A
+    # stage without it must not write the recipe's name, since other recipes share its entries.
+    per_recipe: ClassVar[bool] = False
+
+    # --- planning (pure; runs on every `doit` invocation, keep it cheap) ---
+    # A stage may run several times in one recipe, once per *variant* (e.g.
+    # one llamacpp.quantize per quant type); its node id is then "name@variant".
+    @classmethod
+    def serves(cls, recipe: Recipe) -> bool:
+        """Is the stage part of this recipe's graph: its runtime, then its own condition."""
+        return (not cls.runtimes or recipe.target.runtime in cls.runtimes) and cls.applies(recipe)
+
+    @classmethod
+    def applies(cls, recipe: Recipe) -> bool:
+        """A condition beyond the runtime (e.g. a scheme option); default: none."""
+        return True
+
+    @classmethod
+    def variants(cls, recipe: Recipe) -> list[str]:
+        return [""]
+
+    @classmethod
+    def inputs(cls, recipe: Recipe, variant: str) -> list[str]:
+        """Node ids (see `node_id`) of the stages whose outputs this one reads."""
+        return []
+
+    @classmethod
+    def params(cls, recipe: Recipe, variant: str) -> dict[str, Any]:
+        """Everything that determines the output besides inputs, sources and tools."""
+        return recipe.stage_params(cls.name)
+
+    @classmethod
+    def ships(cls, recipe: Recipe, variant: str) -> str | None:
+        """Where in the bundle's `to_device/` this output goes ('.' = top), or None."""
+        return None
+
+    @classmethod
+    def sources(cls, recipe: Recipe, variant: str) -> dict[str, Path]:
+        """Files or directories read by the stage, hashed by content into its key."""
+        return {}
+
+    @classmethod
+    def tool_names(cls, recipe: Recipe, variant: str) -> tuple[str, ...]:
+        """Tools whose fingerprints enter the key (default: the class's `tools`)."""
+        return cls.tools
+
+    # --- execution (child process) ---
+    def run(self, ctx: StageContext) -> None:
+        raise NotImplementedError
+
+
+def recipe_nodes(recipe: Recipe) -> list[tuple[type[Stage], str]]:
+    """(stage class, variant) of every node the recipe's stages give it, in the stages' order."""
+    return [(c, v) for c in recipe.stages if c.serves(recipe) for v in c.variants(recipe)]

@@ -1,0 +1,46 @@
+"""Jinja rendering, sandboxed with StrictUndefined (a missing value is an error, not '')."""
+from __future__ import annotations
+
+import shlex
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from jinja2.sandbox import SandboxedEnvironment
+
+from pipeline import ROOT
+
+TEMPLATES = ROOT / "templates"
+
+
+@cache
+def environment(root: Path = TEMPLATES) -> SandboxedEnvironment:
+    # Imported here: planning reads TEMPLATES but must not pay for jinja2.
+    from jinja2 import FileSystemLoader, StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    env = SandboxedEnvironment(loader=FileSystemLoader(str(root)), undefined=StrictUndefined,
+                               keep_trailing_newline=True, autoescape=False)
+    # Recipe values rendered into shell scripts (run.sh) go through `| shquote`: one word, never code.
+    env.filters["shquote"] = shlex.quote
+    return env
+
+
+def render(template: str, **values: Any) -> str:
+    return environment().get_template(template).render(**values)
+
+
+class ShipsTemplates:
+    """Mixin for a stage that renders the device-side files of a bundle (run.sh, README) from
+    `templates_used`: those templates are its sources, and its output goes to the bundle's top."""
+
+    templates_used: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def sources(cls, recipe: Any, variant: str = "") -> dict[str, Path]:
+        return {t: TEMPLATES / t for t in cls.templates_used}
+
+    @classmethod
+    def ships(cls, recipe: Any, variant: str = "") -> str | None:
+        return "."

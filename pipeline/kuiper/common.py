@@ -1,0 +1,7 @@
+"""Names shared by the Kuiper stages (kept apart from format.py, which imports numpy: planning
+must not). Stage modules import this, never each other."""
+
+RUNTIME = "kuiper"  # the target runtime every Kuiper stage serves
+EXPORT, VERIFY = "kuiper.export", "kuiper.verify"
+MODEL_FILE = "model_int8.bin"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

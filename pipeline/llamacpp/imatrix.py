@@ -1,0 +1,41 @@
+"""llamacpp.imatrix: importance matrix of the float GGUF on the calibration text (llama-imatrix),
+used by llamacpp.quantize when the scheme sets `gguf_imatrix: true`."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from pipeline.engine.proc import run_tool, threads
+from pipeline.engine.stage import StageContext, Strict
+from pipeline.llamacpp.common import CONVERT, HOST_BUILD, IMATRIX, LlamacppStage, gguf_in, host_tool
+
+if TYPE_CHECKING:
+    from pipeline.recipe.load import Recipe
+
+
+class ImatrixParams(Strict):
+    ctx_size: int = Field(512, ge=64, description="Tokens per chunk (-c).")
+    chunks: int = Field(32, ge=1, description="Chunks of calibration text to process (--chunks).")
+
+
+class LlamacppImatrix(LlamacppStage):
+    """Importance matrix for quantization."""
+
+    name = IMATRIX
+    version = 1
+    Params = ImatrixParams
+
+    @classmethod
+    def applies(cls, recipe: Recipe) -> bool:
+        return recipe.scheme.gguf_imatrix
+
+    @classmethod
+    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
+        return [CONVERT, HOST_BUILD, "text"]
+
+    def run(self, ctx: StageContext) -> None:
+        p = ctx.params
+        run_tool([host_tool(ctx, "llama-imatrix"), "-m", gguf_in(ctx.inputs[CONVERT]),
+                  "-f", ctx.inputs["text"] / "calibration.txt", "-o", ctx.out / "imatrix.gguf",
+                  "-c", p["ctx_size"], "--chunks", p["chunks"], "-t", threads()])

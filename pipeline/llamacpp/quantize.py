@@ -1,0 +1,39 @@
+"""llamacpp.quantize: one llama.cpp quant type per variant (the scheme's `gguf_types`),
+with the host build of llama-quantize; optionally with an importance matrix."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pipeline.engine.proc import run_tool, threads
+from pipeline.engine.stage import NoParams, StageContext
+from pipeline.llamacpp.common import CONVERT, HOST_BUILD, IMATRIX, QUANTIZE, PerQuantType, gguf_in, gguf_name, host_tool
+
+if TYPE_CHECKING:
+    from pipeline.recipe.load import Recipe
+
+
+class LlamacppQuantize(PerQuantType):
+    """Float GGUF → quantized GGUF (types and imatrix come from the scheme)."""
+
+    name = QUANTIZE
+    version = 1
+    Params = NoParams
+
+    @classmethod
+    def inputs(cls, recipe: Recipe, variant: str) -> list[str]:
+        return [CONVERT, HOST_BUILD] + ([IMATRIX] if recipe.scheme.gguf_imatrix else [])
+
+    @classmethod
+    def params(cls, recipe: Recipe, variant: str) -> dict[str, Any]:
+        return {"type": variant, "imatrix": recipe.scheme.gguf_imatrix, "file": gguf_name(recipe.model.name, variant)}
+
+    @classmethod
+    def ships(cls, recipe: Recipe, variant: str) -> str | None:
+        return "models"
+
+    def run(self, ctx: StageContext) -> None:
+        src = gguf_in(ctx.inputs[CONVERT])
+        out = ctx.out / ctx.params["file"]
+        imatrix = ["--imatrix", ctx.inputs[IMATRIX] / "imatrix.gguf"] if ctx.params["imatrix"] else []
+        run_tool([host_tool(ctx, "llama-quantize"), *imatrix, src, out, ctx.params["type"], threads()])
+        ctx.log.info(f"{out.name}: {out.stat().st_size / 1e6:.1f} MB (from {src.name}, {src.stat().st_size / 1e6:.1f} MB)")

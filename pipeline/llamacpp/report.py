@@ -1,0 +1,66 @@
+"""report: the recipe's results in one place — perplexity table (float vs each quant
+type, held-out text) and the emulated completion — as report.md and report.json; the emulated
+llama-bench figures go to bench.md / bench.json, which stay out of the bundle (they differ on
+every build)."""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from pipeline.engine.stage import NoParams, StageContext, node_id
+from pipeline.llamacpp.common import PERPLEXITY, REPORT, VERIFY, LlamacppStage, gguf_types, perplexity_variants
+
+if TYPE_CHECKING:
+    from pipeline.recipe.load import Recipe
+
+
+def ppl_table(rows: list[dict[str, Any]]) -> str:
+    base = next((r for r in rows if r["variant"] == "float"), None)
+    lines = ["| type | file | size (MB) | PPL | ± | Δ vs float |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        delta = "—" if base is None or r is base else f"{(r['ppl'] / base['ppl'] - 1) * 100:+.2f}%"
+        lines.append(f"| {r['type']} | {r['file']} | {r['size_bytes'] / 1e6:.1f} | {r['ppl']:.4f} | {r['ppl_err']:.4f} | {delta} |")
+    return "\n".join(lines)
+
+
+class LlamacppReport(LlamacppStage):
+    """Evaluation report (report.md, report.json)."""
+
+    name = REPORT
+    version = 2  # 2: bench figures unshipped
+    Params = NoParams
+    unshipped = ("bench.md", "bench.json")
+    per_recipe = True
+
+    @classmethod
+    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
+        return [node_id(PERPLEXITY, v) for v in perplexity_variants(recipe)] + \
+               [node_id(VERIFY, v) for v in gguf_types(recipe)]
+
+    @classmethod
+    def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:
+        return {"model": recipe.model.name, "target": recipe.target.name, "description": recipe.target.description}
+
+    @classmethod
+    def ships(cls, recipe: Recipe, variant: str = "") -> str | None:
+        return "report"
+
+    def run(self, ctx: StageContext) -> None:
+        ppl = [json.loads((d / "perplexity.json").read_text()) for n, d in ctx.inputs.items() if n.startswith(PERPLEXITY)]
+        runs = [json.loads((d / "verify.json").read_text()) for n, d in ctx.inputs.items() if n.startswith(VERIFY)]
+        p = ctx.params
+        ctx_size, chunks = (ppl[0]["ctx_size"], ppl[0]["chunks"]) if ppl else (0, 0)
+        md = [f"# {ctx.recipe_name}: {p['model']} on {p['target']}", "",
+              f"## Perplexity (held-out text, {chunks} windows of {ctx_size} tokens, host llama-perplexity)", "",
+              ppl_table(ppl), ""]
+        bench = {r["type"]: r.pop("bench") for r in runs}
+        bench_md = [f"# {ctx.recipe_name}: llama-bench ({runs[0]['label'] if runs else ''})", "",
+                    "| type | test | tokens | tokens/s |", "|---|---|---:|---:|",
+                    *[f"| {t} | {b['test']} | {b['tokens']} | {b['tokens_per_s']} |" for t, rows in bench.items() for b in rows]]
+        for r in runs:
+            md += [f"## {r['type']}: completion ({r['label']})", "", "```", r["completion"].strip(), "```", ""]
+        (ctx.out / "report.md").write_text("\n".join(md))
+        (ctx.out / "report.json").write_text(json.dumps({"perplexity": ppl, "verify": runs}, indent=2, sort_keys=True) + "\n")
+        (ctx.out / "bench.md").write_text("\n".join(bench_md) + "\n")
+        (ctx.out / "bench.json").write_text(json.dumps(bench, indent=2, sort_keys=True) + "\n")
+        print("\n".join(md + [""] + bench_md))

@@ -1,0 +1,72 @@
+"""llamacpp.verify: run the cross-built tools on each quantized GGUF under qemu-user:
+a greedy completion of a fixed prompt (seed 001's) and a small llama-bench.
+Figures are labelled emulated: they say the binaries work, not how fast the board is."""
+from __future__ import annotations
+
+import json
+import shutil
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from pipeline.engine.errors import KilnError
+from pipeline.engine.proc import run_tool, threads
+from pipeline.engine.stage import StageContext, Strict
+from pipeline.llamacpp.common import BUILD, QUANTIZE, VERIFY, PerQuantType, device_build, gguf_in, quant_node, verify_params
+
+if TYPE_CHECKING:
+    from pipeline.recipe.load import Recipe
+
+SEED_PROMPT = "I believe the meaning of life is"
+
+
+class VerifyParams(Strict):
+    prompt: str = Field(SEED_PROMPT, description="Prompt of the greedy completion check.")
+    n_predict: int = Field(32, ge=1, description="Tokens to generate (-n).")
+    bench_prompt: int = Field(16, ge=0, description="llama-bench -p (prompt tokens).")
+    bench_gen: int = Field(16, ge=0, description="llama-bench -n (generated tokens).")
+
+
+def emulator(qemu_cpu: str) -> list[str]:
+    qemu = shutil.which("qemu-aarch64-static")
+    if qemu is None:
+        raise KilnError("qemu-aarch64-static is not installed: run `sudo apt-get install qemu-user-static` (or `bash setup.sh`)")
+    return [qemu, "-cpu", qemu_cpu]
+
+
+class LlamacppVerify(PerQuantType):
+    """Completion and bench of each quant type with the target's binaries (qemu)."""
+
+    name = VERIFY
+    version = 1
+    Params = VerifyParams
+    tools = ("exe:qemu-aarch64-static",)
+
+    @classmethod
+    def inputs(cls, recipe: Recipe, variant: str) -> list[str]:
+        return [quant_node(variant), device_build(recipe)]
+
+    @classmethod
+    def params(cls, recipe: Recipe, variant: str) -> dict[str, Any]:
+        return verify_params(recipe, variant)
+
+    def run(self, ctx: StageContext) -> None:
+        p = ctx.params
+        model = gguf_in(next(v for k, v in ctx.inputs.items() if k.startswith(QUANTIZE)))
+        bin_dir = next(v for k, v in ctx.inputs.items() if k.startswith(BUILD)) / "bin"
+        prefix = emulator(p["qemu_cpu"]) if p["arch"] == "aarch64" else []
+        done = run_tool([*prefix, bin_dir / "llama-completion", "-m", model, "-p", p["prompt"], "-n", p["n_predict"],
+                         "--temp", "0", "-s", "0", "-t", threads(), "-no-cnv"], capture=True, timeout=1800)
+        text = done.stdout
+        print(done.stderr[-2000:])
+        if not text.strip().startswith(p["prompt"][:20]) or len(text.strip()) <= len(p["prompt"]):
+            raise KilnError(f"llama-completion produced no continuation: {text!r}")
+        bench = run_tool([*prefix, bin_dir / "llama-bench", "-m", model, "-p", p["bench_prompt"],
+                          "-n", p["bench_gen"], "-r", "1", "-t", threads(), "-o", "json"], capture=True, timeout=1800)
+        rows = json.loads(bench.stdout)
+        figures = [{"test": "pp" if r["n_prompt"] else "tg", "tokens": r["n_prompt"] or r["n_gen"],
+                    "tokens_per_s": round(r["avg_ts"], 3)} for r in rows]
+        result = {"type": ctx.variant, "file": model.name, "prompt": p["prompt"], "completion": text,
+                  "bench": figures, "label": f"emulated: qemu-aarch64-static -cpu {p['qemu_cpu']} on x86_64"}
+        (ctx.out / "verify.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        ctx.log.info(f"{model.name} ({result['label']}): {text.strip()!r}; bench {figures}")

@@ -1,0 +1,74 @@
+"""Planning helpers shared by the Qualcomm stages: node names, the SoC and compile provider a
+recipe asks for, the Genie values several stages key on. Stage modules import this, never each
+other, so each stays a leaf the registry alone imports."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.engine.errors import KilnError
+from pipeline.engine.stage import Stage, node_id
+
+if TYPE_CHECKING:
+    from pipeline.recipe.load import Recipe
+
+RUNTIME = "genie"  # the target runtime every Qualcomm stage serves
+EXPORT, QUANTIZE, COMPILE, GENIE_CONFIG = "qnn.export", "qnn.quantize", "qnn.compile", "qnn.genie_config"
+BINARY_STEM = "weight_sharing_model_1_of_1.serialized"  # qnn-context-binary-generator appends ".bin"
+SHARED_BIN = BINARY_STEM + ".bin"  # the shipped weight-shared binary, whichever provider built it
+
+
+class QnnStage(Stage):
+    runtimes = (RUNTIME,)
+
+
+class GraphStage(QnnStage):
+    """A Qualcomm stage that builds or rewrites the adapted ONNX graphs."""
+
+    tools = ("python", "torch", "transformers", "onnx", "onnxruntime", "numpy")
+    resource = "heavy"
+
+
+def ar_variant(ar: int) -> str:
+    return f"ar{ar}"
+
+
+def export_nodes(recipe: Recipe) -> list[str]:
+    """qnn.export@ar<N> for each distinct AR length, in the recipe's order."""
+    return [node_id(EXPORT, ar_variant(a)) for a in dict.fromkeys(recipe.spec.ar_lengths)]
+
+
+def provider(recipe: Recipe) -> str:
+    """Who compiles the shipped binary: the recipe's choice, or qairt when the SDK is here."""
+    from pipeline.qnn import qairt
+
+    chosen = recipe.stage_params(COMPILE)["provider"]
+    return ("qairt" if qairt.available() else "ort-qnn") if chosen == "auto" else chosen
+
+
+def soc_params(recipe: Recipe) -> dict[str, Any]:
+    """The target's SoC as the compile and Genie stages key on it; an error without one."""
+    soc = recipe.target.soc
+    if soc is None:
+        raise KilnError(f"{recipe.where('target')}: target {recipe.target.name!r} has no `soc` (soc_model, dsp_arch): "
+                        f"{COMPILE} needs one")
+    return {"soc": soc.name, "soc_model": soc.soc_model, "htp_arch": int(soc.dsp_arch.removeprefix("v"))}
+
+
+def genie_params(recipe: Recipe) -> dict[str, Any]:
+    """stages.qnn.genie_config plus what the rendered configs take from the recipe."""
+    from pipeline.qnn.genie import template_dir
+
+    own = recipe.stage_params(GENIE_CONFIG)
+    template_dir(own["sdk"])
+    soc = soc_params(recipe)
+    return {**own, "model": recipe.model.name, "context_length": recipe.spec.context_length,
+            "soc_model": soc["soc_model"], "dsp_arch": f"v{soc['htp_arch']}",
+            "ctx_bins": [f"models/{SHARED_BIN}"]}  # where qnn.package puts it
+
+
+def genie_sources(recipe: Recipe) -> dict[str, Path]:
+    """The Genie templates of the SDK version the recipe renders for."""
+    from pipeline.qnn.genie import GENIE_TEMPLATES
+
+    return {"templates": GENIE_TEMPLATES / recipe.stage_params(GENIE_CONFIG)["sdk"]}

@@ -1,0 +1,178 @@
+"""qnn.compile: the quantize stage's QDQ graphs → HTP context binaries for the target SoC.
+
+Provider `ort-qnn` (onnxruntime-qnn from PyPI): each AR graph is first put in its device form
+(pipeline/qnn/htp_graph.py: quantized I/O under Genie's tensor names, embedding table on its Gather
+grid), then compiled by onnxruntime-qnn with no CPU fallback, twice:
+- `shared/`: every AR graph in ONE weight-shared binary (`weight_sharing_model_1_of_1.serialized.bin`,
+  the name qnn-context-binary-generator gives it) + one EPContext ONNX per graph — what
+  qnn.package ships as `models/`;
+- `unshared/`: one binary per graph — what the x86 HTP simulator can load (it crashes on shared
+  binaries: FACTS.md), for `verify`.
+Every binary is read back through libQnnSystem (pipeline/qnn/qnn_binary.py) and checked against the
+recipe: the target's soc model, one graph per AR length, the expected I/O. io.json lists each
+graph's device I/O (dtype, shape, scale/offset) for qnn.genie_config and verify.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from pipeline.engine.errors import KilnError
+from pipeline.engine.stage import StageContext, Strict
+
+# the SDK tool's name for the shared binary; ort-qnn's is renamed to it
+from pipeline.qnn.common import COMPILE, EXPORT, QUANTIZE, SHARED_BIN, GraphStage, export_nodes, provider, soc_params
+
+if TYPE_CHECKING:
+    from pipeline.recipe.load import Recipe
+
+
+class QnnCompileParams(Strict):
+    provider: Literal["auto", "ort-qnn", "qairt"] = Field(
+        "auto", description="Who compiles the shipped binary: `qairt` (Qualcomm's SDK at $QNN_SDK_ROOT: qairt-converter "
+                            "with the encodings as overrides, qairt-quantizer, qnn-context-binary-generator) or `ort-qnn` "
+                            "(onnxruntime-qnn from PyPI); auto = qairt when QNN_SDK_ROOT holds the SDK, else ort-qnn. "
+                            "The simulator's unshared binaries always come from ort-qnn.")
+    performance_mode: Literal["default", "burst", "balanced", "high_performance", "sustained_high_performance",
+                              "power_saver", "low_power_saver", "high_power_saver", "low_balanced",
+                              "extreme_power_saver"] = Field(
+        "burst", description="HTP performance mode the EPContext models ask for at run time (ORT runtime).")
+    vtcm_mb: int = Field(0, ge=0, description="VTCM the graphs may use, in MB; 0 = the SoC's default.")
+    finalization_level: Literal[0, 1, 2, 3] = Field(
+        3, description="HTP graph finalization optimization level: 3 = slowest to compile, fastest to run.")
+
+
+class QnnCompile(GraphStage):
+    """HTP context binaries: one weight-shared (ships) and one per AR graph (simulator)."""
+
+    name = COMPILE
+    version = 3  # 2: RMSNorm fused into one op (float16 overflow on HTP otherwise); 3: reproducible graph names
+    Params = QnnCompileParams
+    tools = ("python", "onnx", "onnxruntime", "onnxruntime-qnn", "numpy")
+
+    @classmethod
+    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
+        # qairt-converter reads the float graphs (with the encodings as overrides), as in seed 000
+        return [QUANTIZE, *(export_nodes(recipe) if provider(recipe) == "qairt" else [])]
+
+    @classmethod
+    def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:
+        from pipeline.qnn import qairt
+
+        soc = soc_params(recipe)
+        chosen = provider(recipe)
+        sdk = qairt.sdk_version(qairt.sdk_root()) if chosen == "qairt" else None  # the SDK's error if missing
+        return {**recipe.stage_params(cls.name), "provider": chosen, "qairt_sdk": sdk, **soc,
+                "ar_lengths": sorted(set(recipe.spec.ar_lengths), reverse=True)}
+
+    def run(self, ctx: StageContext) -> None:
+        from pipeline.qnn.htp_graph import write_device_graph
+        from pipeline.qnn.ort_qnn import compile_graph
+        from pipeline.qnn.qnn_binary import check_binary, read_binary_info
+
+        p = ctx.params
+        graphs = json.loads((ctx.inputs[QUANTIZE] / "quantize.json").read_text())["graphs"]
+        graphs = sorted(graphs, key=lambda g: -g["ar"])
+        options = {"htp_performance_mode": p["performance_mode"],
+                    "htp_graph_finalization_optimization_mode": str(p["finalization_level"])}
+        if p["vtcm_mb"]:
+            options["vtcm_mb"] = str(p["vtcm_mb"])
+        scratch = ctx.tmp / "device"
+        scratch.mkdir()
+        for sub in ("shared", "unshared"):
+            (ctx.out / sub).mkdir()
+        io: dict[str, Any] = {}
+        timings: dict[str, float] = {}
+        for g in graphs:
+            ins, outs = write_device_graph(ctx.inputs[QUANTIZE] / g["qdq"], scratch / f"{g['graph']}.onnx")
+            io[g["graph"]] = {"ar": g["ar"], "inputs": [t.to_json() for t in ins], "outputs": [t.to_json() for t in outs]}
+        for g in graphs:
+            ctx.log.info(f"compiling {g['graph']} for {p['soc']} (soc_model {p['soc_model']}, v{p['htp_arch']})")
+            t0 = time.monotonic()
+            compile_graph(scratch / f"{g['graph']}.onnx", ctx.out / "unshared" / f"{g['graph']}.onnx",
+                          p["soc_model"], p["htp_arch"], options)
+            timings[g["graph"]] = round(time.monotonic() - t0, 1)
+        t0 = time.monotonic()
+        if p["provider"] == "qairt":
+            _qairt_shared(ctx, graphs)
+        else:
+            for i, g in enumerate(graphs):
+                compile_graph(scratch / f"{g['graph']}.onnx", ctx.out / "shared" / f"{g['graph']}.onnx", p["soc_model"],
+                              p["htp_arch"], options, share="last" if i == len(graphs) - 1 else "share")
+            _rename_shared_binary(ctx.out / "shared")
+        timings["shared"] = round(time.monotonic() - t0, 1)
+
+        expected = {g: {"inputs": [t["name"] for t in v["inputs"]], "outputs": [t["name"] for t in v["outputs"]]}
+                    for g, v in io.items()}
+        binaries: dict[str, Any] = {}
+        problems: list[str] = []
+        for b in sorted((ctx.out / "shared").glob("*.bin")) + sorted((ctx.out / "unshared").glob("*.bin")):
+            rel = str(b.relative_to(ctx.out))
+            info = read_binary_info(b)
+            want = expected if b.parent.name == "shared" else \
+                {g: e for g, e in expected.items() if b.name.startswith(g + "_")}
+            found = _match_graphs(info, io, want)
+            problems += [f"{rel}: {m}" for m in check_binary(info, p["soc_model"], found)]
+            binaries[rel] = {"bytes": b.stat().st_size, "soc_model": info.get("soc_model"),
+                             "graphs": {g["name"]: {"ar": _ar_of(g)} for g in info["graphs"]}, "info": info}
+        report = {"provider": p["provider"], "soc": p["soc"], "soc_model": p["soc_model"], "htp_arch": p["htp_arch"],
+                  "provider_options": options, "seconds": timings, "binaries": binaries, "problems": problems}
+        (ctx.out / "io.json").write_text(json.dumps(io, indent=2) + "\n")
+        (ctx.out / "compile.json").write_text(json.dumps(report, indent=2) + "\n")
+        shared = binaries[f"shared/{SHARED_BIN}"]
+        ctx.log.info(f"shared binary: {shared['bytes'] / 1e6:.1f} MB, soc_model {shared['soc_model']}, graphs "
+                     + ", ".join(f"{n} (AR-{g['ar']})" for n, g in shared["graphs"].items()))
+        if problems:
+            raise KilnError("qnn.compile: the compiled binaries do not match the recipe:\n  " + "\n  ".join(problems))
+
+
+def _qairt_shared(ctx: StageContext, graphs: list[dict[str, Any]]) -> None:
+    """The shipped binary from the QAIRT SDK: float graph + encodings per AR graph, weight-shared."""
+    from pipeline.qnn import qairt
+
+    p = ctx.params
+    exports = {json.loads((d / "export.json").read_text())["graph"]: d
+               for n, d in ctx.inputs.items() if n.startswith(EXPORT)}
+    work = ctx.tmp / "qairt"
+    ctx.log.info(f"compiling {len(graphs)} graphs with QAIRT {p['qairt_sdk']} (weight-shared)")
+    binary = qairt.compile_shared(
+        qairt.sdk_root(), [(g["graph"], exports[g["graph"]] / f"{g['graph']}.onnx",
+                            ctx.inputs[QUANTIZE] / g["encodings"]) for g in graphs],
+        p["soc_model"], f"v{p['htp_arch']}", work, vtcm_mb=p["vtcm_mb"], finalization_level=p["finalization_level"])
+    binary.rename(ctx.out / "shared" / SHARED_BIN)
+
+
+def _rename_shared_binary(shared: Path) -> None:
+    """Give the one shared binary its SDK name and point every EPContext model at it."""
+    import onnx
+
+    bins = sorted(shared.glob("*.bin"))
+    if len(bins) != 1:
+        raise KilnError(f"qnn.compile: expected one weight-shared binary, onnxruntime-qnn wrote {[b.name for b in bins]}")
+    bins[0].rename(shared / SHARED_BIN)
+    for model_path in shared.glob("*.onnx"):
+        model = onnx.load(str(model_path))
+        for node in model.graph.node:
+            for a in node.attribute:
+                if node.op_type == "EPContext" and a.name == "ep_cache_context":
+                    a.s = SHARED_BIN.encode()
+        onnx.save(model, str(model_path))
+
+
+def _ar_of(graph: dict[str, Any]) -> int | None:
+    """A binary graph's AR length: the token count of its `input_ids` (ORT names graphs by hash)."""
+    ids = next((t for t in graph["inputs"] if t["name"] == "input_ids"), None)
+    return ids["dims"][-1] if ids else None
+
+
+def _match_graphs(info: dict[str, Any], io: dict[str, Any], want: dict[str, Any]) -> dict[str, Any]:
+    """Expected I/O keyed by the binary's own graph names, matched on AR length."""
+    by_ar = {io[g]["ar"]: e for g, e in want.items()}
+    found = {g["name"]: by_ar.pop(_ar_of(g)) for g in info["graphs"] if _ar_of(g) in by_ar}
+    # what no binary graph matched is reported missing under its ONNX name
+    found.update({g: e for g, e in want.items() if io[g]["ar"] in by_ar})
+    return found

@@ -1,0 +1,268 @@
+"""The device form of a QDQ AR graph: what an HTP context binary (and Genie) must see.
+
+The quantize stage's QDQ graph keeps float I/O so onnxruntime on the CPU can check it. On the
+device the I/O is quantized — Genie copies raw uint8 KV bytes between steps and AR graphs, and
+quantizes mask / RoPE inputs and dequantizes logits with the scale/offset it reads from the
+binary — so here:
+
+- a float graph input that only feeds a QuantizeLinear becomes that Q's integer type and the Q
+  goes: the binary's input carries the Genie name (`attention_mask`, `past_key_0_in`, ...);
+- a graph output produced by a DequantizeLinear becomes the Q's integer output under the same
+  name (internal consumers keep reading the dequantized copy);
+- an embedding table dequantized per row (its grid is the tied LM head's) feeding a Gather whose
+  output is re-quantized per-tensor is stored on that output grid instead: quantizing after a
+  Gather equals gathering quantized rows, so the numbers do not change, and HTP gets the
+  DQ → Gather → Q unit it runs natively (it cannot gather a per-row-quantized table);
+- each RMSNorm (x²-mean-rsqrt-gamma chain) becomes one SimplifiedLayerNormalization node, HTP's
+  RmsNorm, as qairt-converter fuses it: op by op, HTP runs the chain in float16 and the BOS
+  token's x² overflows (the simulator's logits were uncorrelated with the CPU's before this);
+- a Conv/MatMul fed by a float16 mixed-precision activation gets its weight as the float
+  constant its DequantizeLinear yields (HTP runs that op in float16 and has no standalone
+  dequantize of a blocked int4 constant).
+
+Without these, onnxruntime-qnn leaves those Q/DQ nodes on the CPU (or, with CPU fallback off,
+refuses the graph), and the binary would take a float embedding table as an input.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.qnn.quant.qdq import load_weights
+
+INT_TYPES = {TensorProto.UINT8: "uint8", TensorProto.INT8: "int8", TensorProto.UINT16: "uint16",
+             TensorProto.INT16: "int16", TensorProto.INT32: "int32", TensorProto.INT64: "int64",
+             TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
+
+
+@dataclass(frozen=True)
+class TensorIO:
+    """One graph input or output as the device sees it; float = (q - zero_point) * scale."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    scale: float | None = None
+    zero_point: int | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.g = model.graph
+        self.inits = {i.name: i for i in self.g.initializer}
+
+    def consumers(self, name: str) -> list[onnx.NodeProto]:
+        return [n for n in self.g.node if name in n.input]
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        return next((n for n in self.g.node if name in n.output), None)
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.inits[name])
+
+    def remove(self, node: onnx.NodeProto) -> None:
+        self.g.node.remove(node)
+
+    def add_initializer(self, tensor: TensorProto) -> None:
+        self.g.initializer.append(tensor)
+        self.inits[tensor.name] = tensor
+
+    def drop_unused_initializers(self) -> None:
+        used = {i for n in self.g.node for i in n.input}
+        keep = [i for i in self.g.initializer if i.name in used]
+        del self.g.initializer[:]
+        self.g.initializer.extend(keep)
+
+    def rename_input(self, old: str, new: str) -> None:
+        for n in self.g.node:
+            n.input[:] = [new if i == old else i for i in n.input]
+
+
+def _quant_io(graph: _Graph, q: onnx.NodeProto) -> tuple[float, int, int]:
+    scale = float(graph.array(q.input[1]))
+    zp = graph.inits[q.input[2]]
+    return scale, int(numpy_helper.to_array(zp)), zp.data_type
+
+
+def _dequantized(graph: _Graph, dq: onnx.NodeProto) -> np.ndarray:
+    """The float values a DequantizeLinear of an initializer yields: per-tensor, per-axis or blocked."""
+    codes = graph.array(dq.input[0]).astype(np.float32)
+    scale = graph.array(dq.input[1]).astype(np.float32)
+    zero = graph.array(dq.input[2]).astype(np.float32) if len(dq.input) > 2 else np.zeros_like(scale)
+    attrs = {a.name: a.i for a in dq.attribute}
+    axis = attrs.get("axis", 1) % codes.ndim
+    if attrs.get("block_size"):
+        scale, zero = (np.repeat(a, attrs["block_size"], axis=axis) for a in (scale, zero))
+    elif scale.ndim == 1 and scale.size > 1:
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return (codes - zero) * scale
+
+
+def _fold_embedding(graph: _Graph) -> int:
+    """Store per-row-quantized tables that feed a Gather on the Gather output's grid."""
+    folded = 0
+    for gather in [n for n in graph.g.node if n.op_type == "Gather"]:
+        dq = graph.producer(gather.input[0])
+        after = graph.consumers(gather.output[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in graph.inits:
+            continue
+        if len(after) != 1 or after[0].op_type != "QuantizeLinear" or len(graph.consumers(dq.output[0])) != 1:
+            continue
+        q = after[0]
+        scale, zero, dtype = _quant_io(graph, q)
+        info = np.iinfo(helper.tensor_dtype_to_np_dtype(dtype))
+        codes = np.clip(np.rint(_dequantized(graph, dq) / scale) + zero, info.min, info.max).astype(info.dtype)
+        name = f"{dq.input[0]}_on_{q.name}"
+        graph.add_initializer(numpy_helper.from_array(codes, name))
+        dq.input[:] = [name, q.input[1], q.input[2]]
+        del dq.attribute[:]
+        folded += 1
+    return folded
+
+
+DATA_MOVEMENT = {"Unsqueeze", "Squeeze", "Reshape", "Transpose", "Flatten"}
+WEIGHTED = {"Conv", "MatMul", "Gemm"}
+
+
+def _float_weights_for_float_ops(graph: _Graph) -> int:
+    """A weighted op whose activation is float (a float16 mixed-precision tensor, not a DQ output)
+    runs in float16 on HTP, which cannot dequantize a constant for it (no standalone blocked DQ):
+    give it the dequantized weight as a float constant — the same values."""
+    folded = 0
+    for node in [n for n in graph.g.node if n.op_type in WEIGHTED]:
+        source = graph.producer(node.input[0])
+        while source is not None and source.op_type in DATA_MOVEMENT:
+            source = graph.producer(source.input[0])
+        dq = graph.producer(node.input[1])
+        if source is None or source.op_type == "DequantizeLinear" or dq is None or dq.op_type != "DequantizeLinear" \
+                or dq.input[0] not in graph.inits or len(graph.consumers(dq.output[0])) != 1:
+            continue
+        graph.add_initializer(numpy_helper.from_array(_dequantized(graph, dq), dq.output[0]))
+        graph.remove(dq)
+        folded += 1
+    return folded
+
+
+def _value_shape(v: onnx.ValueInfoProto) -> list[int]:
+    return [d.dim_value for d in v.type.tensor_type.shape.dim]
+
+
+def _single_consumer(graph: _Graph, tensor: str, op: str) -> onnx.NodeProto | None:
+    users = graph.consumers(tensor)
+    return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+
+def _constant(graph: _Graph, tensor: str) -> float | None:
+    node = graph.producer(tensor)
+    if node is not None and node.op_type == "Constant":
+        return float(numpy_helper.to_array(node.attribute[0].t))
+    return float(graph.array(tensor)) if tensor in graph.inits else None
+
+
+def _other(node: onnx.NodeProto, tensor: str) -> str:
+    return next(i for i in node.input if i != tensor)
+
+
+def _fuse_rmsnorm(graph: _Graph) -> int:
+    """x * 1/sqrt(mean(x²) + eps) * gamma as ONE SimplifiedLayerNormalization node (HTP's RmsNorm,
+    quantized in and out, as qairt-converter fuses it): op by op, HTP would run the chain in
+    float16, where x² of the BOS token's residual overflows."""
+    fused = 0
+    for pow_node in [n for n in graph.g.node if n.op_type == "Pow" and _constant(graph, n.input[1]) == 2.0]:
+        x = pow_node.input[0]
+        mean = _single_consumer(graph, pow_node.output[0], "ReduceMean")
+        add = mean and _single_consumer(graph, mean.output[0], "Add")
+        sqrt = add and _single_consumer(graph, add.output[0], "Sqrt")
+        div = sqrt and _single_consumer(graph, sqrt.output[0], "Div")
+        scale = div and _single_consumer(graph, div.output[0], "Mul")
+        gamma_mul = scale and _single_consumer(graph, scale.output[0], "Mul")
+        if not gamma_mul or _other(scale, div.output[0]) != x or _constant(graph, div.input[0]) != 1.0:
+            continue
+        source = graph.producer(x)
+        if source is None or source.op_type != "DequantizeLinear":
+            continue  # a float16 input: HTP's float RmsNorm does not finalize at AR-128 (MEM_ALLOC)
+        eps = _constant(graph, _other(add, mean.output[0]))
+        if eps is None:
+            continue
+        gamma = _other(gamma_mul, scale.output[0])
+        chain = [pow_node, mean, add, sqrt, div, scale, gamma_mul]
+        at = min(list(graph.g.node).index(n) for n in chain)
+        for n in chain:
+            graph.remove(n)
+        graph.g.node.insert(at, helper.make_node(
+            "SimplifiedLayerNormalization", [x, gamma], [gamma_mul.output[0]], name=f"{gamma_mul.name}_RmsNorm",
+            axis=-1, epsilon=eps, stash_type=1))
+        fused += 1
+    constants = [n for n in graph.g.node if n.op_type == "Constant" and not graph.consumers(n.output[0])]
+    for n in constants:
+        graph.remove(n)
+    return fused
+
+
+def device_io(model: onnx.ModelProto) -> tuple[list[TensorIO], list[TensorIO]]:
+    """Rewrite `model` in place to quantized I/O; return its inputs and outputs as the device sees them."""
+    graph = _Graph(model)
+    _fold_embedding(graph)
+    _float_weights_for_float_ops(graph)
+    _fuse_rmsnorm(graph)
+    graph.drop_unused_initializers()
+    inputs: list[TensorIO] = []
+    for v in graph.g.input:
+        users = graph.consumers(v.name)
+        elem = v.type.tensor_type.elem_type
+        if elem == TensorProto.FLOAT and users and all(u.op_type == "QuantizeLinear" for u in users):
+            q = users[0]
+            scale, zero, dtype = _quant_io(graph, q)
+            for other in users:
+                if _quant_io(graph, other) != (scale, zero, dtype):
+                    raise ValueError(f"graph input {v.name} is quantized with two different encodings")
+                graph.rename_input(other.output[0], v.name)
+                graph.remove(other)
+            v.type.tensor_type.elem_type = dtype
+            inputs.append(TensorIO(v.name, INT_TYPES[dtype], _value_shape(v), scale, zero))
+        else:
+            inputs.append(TensorIO(v.name, INT_TYPES[elem], _value_shape(v)))
+    outputs: list[TensorIO] = []
+    for v in graph.g.output:
+        dq = graph.producer(v.name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            outputs.append(TensorIO(v.name, INT_TYPES[v.type.tensor_type.elem_type], _value_shape(v)))
+            continue
+        q = graph.producer(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            raise ValueError(f"graph output {v.name}: its DequantizeLinear does not follow a QuantizeLinear")
+        scale, zero, dtype = _quant_io(graph, q)
+        inner = f"{v.name}_dq"
+        graph.rename_input(v.name, inner)   # internal consumers read the dequantized copy
+        dq.output[:] = [inner]
+        q.output[:] = [v.name]
+        graph.rename_input(dq.input[0], v.name)
+        if not graph.consumers(inner):
+            graph.remove(dq)
+        v.type.tensor_type.elem_type = dtype
+        outputs.append(TensorIO(v.name, INT_TYPES[dtype], _value_shape(v), scale, zero))
+    return inputs, outputs
+
+
+def write_device_graph(src: Path, dst: Path) -> tuple[list[TensorIO], list[TensorIO]]:
+    """The device form of QDQ graph `src` at `dst` (+ `<dst stem>.data`); see the module doc."""
+    model = onnx.load(str(src), load_external_data=False)
+    load_weights(model, src.parent)
+    inputs, outputs = device_io(model)
+    # no onnx.checker: SimplifiedLayerNormalization is onnxruntime's (default domain), not ONNX's
+    for stale in (dst, dst.with_suffix(".data")):
+        if stale.exists():
+            os.unlink(stale)
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.with_suffix(".data").name, size_threshold=1024)
+    return inputs, outputs

