@@ -14,6 +14,7 @@ from doit.exceptions import TaskFailed
 
 from pipeline.engine.errors import KilnError
 from pipeline.engine.plan import StageSpec, plan
+from pipeline.engine.run_stage import stage_entry
 from pipeline.engine.runner import build, is_up_to_date, say
 from pipeline.engine.settings import Settings
 from pipeline.recipe.load import Recipe
@@ -24,32 +25,47 @@ def load_or_exit(name: str, settings: Settings) -> tuple[Recipe, list[StageSpec]
     """Recipe errors end the process with the message alone (no traceback), exit 2."""
     try:
         recipe = load_recipe(name, settings)
-        return recipe, plan(recipe)
+        specs = plan(recipe)
     except KilnError as e:
         print(f"kiln: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    for note in recipe.notes:
+        say(note)
+    return recipe, specs
 
 
-def _action(spec: StageSpec, settings: Settings, last: bool) -> Any:
+def _action(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> Any:
     def run() -> Any:
         try:
             build(spec, settings)
         except KilnError as e:
             return TaskFailed(str(e))
-        if last and spec.stage == "bundle":
+        if spec.stage == "bundle":
             tar = spec.workspace / f"{spec.recipe}.tar.gz"
             say(f"bundle ready: {settings.shown(spec.workspace / 'to_device')} (tarball {settings.shown(tar)})")
+            for line in headlines(specs):
+                say(line)
         return None
     return run
 
 
+def headlines(specs: list[StageSpec]) -> list[str]:
+    """What the recipe's stages report at the end (a runtime's answer, ...), from their workspaces."""
+    lines = []
+    for spec in specs:
+        line = stage_entry(spec.entry).headline(spec.workspace)
+        if line:
+            lines.append(f"{spec.stage}: {line}")
+    return lines
+
+
 def stage_tasks(recipe: Recipe, specs: list[StageSpec], settings: Settings) -> Iterator[dict[str, Any]]:
     by_key = {s.stage: s for s in specs}
-    for i, spec in enumerate(specs):
+    for spec in specs:
         yield {
             "basename": spec.task_name,
             "doc": f"stage {spec.stage} (key {spec.key[:12]}…)",
-            "actions": [(_action(spec, settings, last=i == len(specs) - 1), [], {})],
+            "actions": [(_action(spec, specs, settings), [], {})],
             "task_dep": [by_key[d].task_name for d in spec.inputs],
             "uptodate": [lambda s=spec: is_up_to_date(s)],
             "verbosity": 2,

@@ -59,15 +59,24 @@ def gc(settings: Settings, store_root: Path, max_age_days: float, budget_gb: flo
     return removed
 
 
+# The options of both `python -m pipeline gc` and `doit gc`: (name, flag, type, default, help).
+OPTIONS: tuple[tuple[str, str, type, object, str], ...] = (
+    ("max_age_days", "--max-age-days", float, 30.0, "drop unneeded entries unused this many days"),
+    ("budget_gb", "--budget-gb", float, None, "then drop least recently used unneeded entries until the store fits"),
+    ("dry_run", "--dry-run", bool, False, "say what would go, remove nothing"),
+)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("gc", help=__doc__)
-    p.add_argument("--max-age-days", type=float, default=30.0, help="drop unneeded entries unused this long")
-    p.add_argument("--budget-gb", type=float, default=None, help="then drop least recently used unneeded entries until under")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--store", type=Path, default=None, help="store dir (default: KILN_STORE / pyproject)")
+    for name, flag, kind, default, text in OPTIONS:
+        if kind is bool:
+            p.add_argument(flag, dest=name, action="store_true", help=text)
+        else:
+            p.add_argument(flag, dest=name, type=kind, default=default, help=f"{text} (default: {default})")
     p.set_defaults(func=_main)
 
 
 def _main(args, settings: Settings) -> int:
-    gc(settings, (args.store or settings.store_dir()).resolve(), args.max_age_days, args.budget_gb, args.dry_run)
+    gc(settings, settings.store_dir(), args.max_age_days, args.budget_gb, args.dry_run)
     return 0

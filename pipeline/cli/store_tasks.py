@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from pipeline.cli.explain import explain
+from pipeline.cli.gc import OPTIONS as GC_OPTIONS
 from pipeline.cli.gc import gc
 from pipeline.cli.verify import verify
 from pipeline.engine.settings import Settings
@@ -12,7 +14,7 @@ from pipeline.recipe.load import Recipe
 
 
 def store_tasks(recipe: Recipe, settings: Settings) -> Iterator[dict[str, Any]]:
-    store = settings.store_dir(recipe.spec.store)
+    store = settings.store_dir()
     yield {
         "basename": "explain", "doc": "which stages of recipe=X would run, and why",
         "actions": [lambda: print("\n".join(explain(recipe.name, settings)))],
@@ -20,12 +22,9 @@ def store_tasks(recipe: Recipe, settings: Settings) -> Iterator[dict[str, Any]]:
     }
     yield {
         "basename": "gc", "doc": "drop unneeded store entries (--max-age-days, --budget-gb, --dry-run)",
-        "params": [
-            {"name": "max_age_days", "long": "max-age-days", "type": float, "default": 30.0},
-            {"name": "budget_gb", "long": "budget-gb", "type": float, "default": 1e12},
-            {"name": "dry_run", "long": "dry-run", "type": bool, "default": False},
-        ],
-        "actions": [lambda max_age_days, budget_gb, dry_run: gc(settings, store, max_age_days, budget_gb, dry_run) and None],
+        "params": [{"name": name, "long": flag.removeprefix("--"), "type": kind, "default": default, "help": text}
+                   for name, flag, kind, default, text in GC_OPTIONS],
+        "actions": [lambda max_age_days, budget_gb, dry_run: _gc(settings, store, max_age_days, budget_gb, dry_run)],
         "uptodate": [False], "verbosity": 2,
     }
     yield {
@@ -33,3 +32,8 @@ def store_tasks(recipe: Recipe, settings: Settings) -> Iterator[dict[str, Any]]:
         "actions": [lambda: not verify(store)[1]],
         "uptodate": [False], "verbosity": 2,
     }
+
+
+def _gc(settings: Settings, store: Path, max_age_days: float, budget_gb: float | None, dry_run: bool) -> None:
+    """gc as a doit action: None whatever it removed (doit fails an action that returns a list)."""
+    gc(settings, store, max_age_days, budget_gb, dry_run)

@@ -25,5 +25,4 @@ def verify(store_root: Path, only: set[str] | None = None) -> tuple[int, list[st
 
 def add_parser(sub) -> None:
     p = sub.add_parser("verify", help=__doc__)
-    p.add_argument("--store", type=Path, default=None, help="store dir (default: KILN_STORE / pyproject)")
-    p.set_defaults(func=lambda a, s: 1 if verify((a.store or s.store_dir()).resolve())[1] else 0)
+    p.set_defaults(func=lambda a, s: 1 if verify(s.store_dir())[1] else 0)

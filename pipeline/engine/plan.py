@@ -60,7 +60,7 @@ def plan(recipe: Recipe, cache: StatCache | None = None) -> list[StageSpec]:
     settings = recipe.settings
     own_cache = cache is None
     cache = cache or StatCache(settings.artifacts / ".statcache.json")
-    store = settings.store_dir(recipe.spec.store)
+    store = settings.store_dir()
     keys: dict[str, str] = {}
     specs: list[StageSpec] = []
     for cls, variant in stage_graph(recipe):
@@ -81,7 +81,8 @@ def plan(recipe: Recipe, cache: StatCache | None = None) -> list[StageSpec]:
         material = key_material(nid, cls.version, params, inputs, source_hashes, tools)
         keys[nid] = compute_key(material)
         specs.append(StageSpec(
-            stage=nid, name=cls.name, entry=f"{cls.__module__}:{cls.__qualname__}", variant=variant, recipe=recipe.name, key=keys[nid],
+            stage=nid, name=cls.name, entry=f"{cls.__module__}:{cls.__qualname__}", variant=variant,
+            recipe=recipe.name, key=keys[nid],
             material=material, inputs=inputs,
             source_paths={n: str(p) for n, p in source_paths.items()},
             resource=cls.resource, store=store, workspace=settings.artifacts / recipe.name / nid,

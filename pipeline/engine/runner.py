@@ -22,6 +22,7 @@ from pipeline.engine.errors import KilnError, StageFailed
 from pipeline.engine.lock import FileLock
 from pipeline.engine.materialize import materialize
 from pipeline.engine.plan import StageSpec
+from pipeline.engine.progress import INTERVAL_ENV, LOG_INTERVAL, TERMINAL_INTERVAL
 from pipeline.engine.settings import Settings
 from pipeline.engine.store import Store, remove_tree
 
@@ -110,7 +111,8 @@ def _run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> None:
         "input_keys": spec.inputs,
         "input_tools": {name: store.meta(k)["material"]["tools"] for name, k in spec.inputs.items()},
         "inputs": {name: str(store.out(k)) for name, k in spec.inputs.items()},
-        "sources": spec.source_paths, "out": str(scratch / "out"), "tmp": str(scratch / "tmp"), "cache": str(store.root / "cache"),
+        "sources": spec.source_paths, "out": str(scratch / "out"), "tmp": str(scratch / "tmp"), "cache": str(store.root
+        / "cache"),
     }
     job_file = scratch / "tmp" / "job.json"
     job_file.write_text(json.dumps(job, indent=2))
@@ -149,6 +151,8 @@ def _run_child(argv: list[str], log_path: Path, settings: Settings, extra_env: d
     """Run argv (never a shell), tee its output to the console and `log_path`; return (rc, last lines)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(settings.root),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **extra_env}
+    # progress bars redraw often on a terminal, seldom into a CI log (engine/progress.py)
+    env.setdefault(INTERVAL_ENV, str(TERMINAL_INTERVAL if os.isatty(1) else LOG_INTERVAL))
     tail: deque[str] = deque(maxlen=20)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -156,7 +160,7 @@ def _run_child(argv: list[str], log_path: Path, settings: Settings, extra_env: d
         assert proc.stdout is not None
         buf = b""
         while chunk := proc.stdout.read1(65536):
-            log.write(chunk)
+            log.write(chunk.replace(b"\r", b"\n"))  # a progress bar's redraws: one line each in the log
             os.write(1, chunk)  # fd 1: doit swaps sys.stdout for its own writer
             buf = (buf + chunk)[-8192:]
         rc = proc.wait()

@@ -1,6 +1,6 @@
 """Run a third-party Python tool with no network and no pip, and fail loudly when it tries.
 
-MNN's tools run `pip install` on import and post telemetry (FACTS.md); a build must neither change
+MNN's tools run `pip install` on import and post telemetry (docs/mnn.md#pip-and-telemetry); a build must neither change
 the environment it is keyed on nor depend on the network. Three layers:
 
 - `sandbox_site/sitecustomize.py`, first on the child's PYTHONPATH: an audit hook refusing

@@ -2,7 +2,7 @@
 
 KILN_RECIPES   recipes directory            (default: <repo>/recipes)
 KILN_ARTIFACTS workspace root               (default: <repo>/artifacts)
-KILN_STORE     content-addressed store      (default: [tool.kiln].store, then recipe `store:`)
+KILN_STORE     content-addressed store      (default: [tool.kiln].store; never a recipe's choice)
 """
 from __future__ import annotations
 
@@ -41,9 +41,10 @@ class Settings:
             heavy_slots=int(os.environ.get("KILN_HEAVY_SLOTS", conf.get("heavy_slots", 1))),
         )
 
-    def store_dir(self, recipe_store: str | None = None) -> Path:
-        """KILN_STORE beats the recipe's `store:`, which beats pyproject's [tool.kiln].store."""
-        chosen = os.environ.get("KILN_STORE") or recipe_store or pyproject_kiln().get("store")
+    def store_dir(self) -> Path:
+        """KILN_STORE beats pyproject's [tool.kiln].store. A recipe cannot choose where Kiln writes
+        or which entries it trusts."""
+        chosen = os.environ.get("KILN_STORE") or pyproject_kiln().get("store")
         path = Path(chosen) if chosen else self.artifacts / ".store"
         return (path if path.is_absolute() else self.root / path).resolve()
 

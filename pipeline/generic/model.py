@@ -83,7 +83,7 @@ class Model(Stage):
         model = AutoModelForCausalLM.from_pretrained(**where, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(**where)
         # A GGUF-loaded model refuses save_pretrained ("not serializable"): it
-        # is plain float weights by now, so drop the quantizer (FACTS.md).
+        # is plain float weights by now, so drop the quantizer (docs/models.md#gguf-dequantization).
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

@@ -1,9 +1,9 @@
-"""kuiper.export: the model stage's HF checkpoint → seed 002's int8 group-quantized file
+"""kuiper.export: the model stage's HF checkpoint → KuiperLLama's int8 group-quantized file
 (pipeline/kuiper/format.py has the layout), plus kuiper.json (header values, and what the format does not
 carry: RoPE theta, norm epsilon, special tokens) and the tokenizer files.
 
 The scheme must be 8-bit symmetric per-block: its block size is the header's group_size (64 in
-the seed). max_seq_len is the recipe's context_length (the runtime sizes its KV cache by it).
+KuiperLLama's exporter). max_seq_len is the recipe's context_length (the runtime sizes its KV cache by it).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def load_tensors(model_dir: Any) -> dict[str, Any]:
 
 
 class KuiperExport(Stage):
-    """Seed 002's int8 export (header + q8 weights/scales + fp32 tensors)."""
+    """KuiperLLama's int8 export (header + q8 weights/scales + fp32 tensors)."""
 
     name = EXPORT
     version = 1
@@ -71,7 +71,7 @@ class KuiperExport(Stage):
         with open(ctx.out / MODEL_FILE, "wb") as f:
             worst = write_model(f, header, lambda name: embed if name == "model.embed_tokens.weight" else tensors[name]())
         rope = config.get("rope_parameters") or {}
-        meta = {"file": MODEL_FILE, "format": "seed 002 / KuiperLLama export.py --version 3",
+        meta = {"file": MODEL_FILE, "format": "KuiperLLama export.py --version 3",
                 "header": {**header.__dict__, "shared_classifier": header.shared_classifier},
                 "rope_theta": rope.get("rope_theta", config.get("rope_theta", 10000.0)),
                 "rms_norm_eps": config["rms_norm_eps"], "bos_token_id": config.get("bos_token_id"),

@@ -1,4 +1,4 @@
-"""Seed 002's int8 model file (KuiperLLama `export.py --version 3`, llama2.c lineage): writer,
+"""KuiperLLama's int8 model file (KuiperLLama `export.py --version 3`, llama2.c lineage): writer,
 reader, and a numpy reference forward pass over what the reader loads.
 
 Layout (little-endian):
@@ -77,7 +77,7 @@ def dequantize_q8(q: np.ndarray, scale: np.ndarray, group: int) -> np.ndarray:
 
 
 def to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """HF's rotate-half row order of wq/wk → Meta's interleaved pairs (seed 002's permute_reverse)."""
+    """HF's rotate-half row order of wq/wk → Meta's interleaved pairs (KuiperLLama's permute_reverse)."""
     out, inp = w.shape
     return w.reshape(n_heads, 2, out // n_heads // 2, inp).transpose(0, 2, 1, 3).reshape(out, inp)
 
@@ -99,7 +99,7 @@ def header_for(config: dict[str, Any], group_size: int, max_seq_len: int, shared
         if n % group_size:
             problems.append(f"{name} {n} is not a multiple of the group size {group_size}")
     if problems:
-        raise KilnError("seed 002's format cannot hold this model: " + "; ".join(problems))
+        raise KilnError("the Kuiper int8 format cannot hold this model: " + "; ".join(problems))
     vocab = config["vocab_size"]
     return Header(dim, config["intermediate_size"], config["num_hidden_layers"], heads,
                   config.get("num_key_value_heads", heads), vocab if shared else -vocab, max_seq_len, group_size)
@@ -144,7 +144,7 @@ class KuiperModel:
 
 
 def read_model(path: Path) -> KuiperModel:
-    """Load a file written in seed 002's layout; its size must be exactly what the header implies."""
+    """Load a file written in the Kuiper int8 layout; its size must be exactly what the header implies."""
     data = np.memmap(path, dtype=np.uint8, mode="r")
     if data.size < HEADER.size:
         raise KilnError(f"{path}: {data.size} bytes, shorter than the 32-byte header")

@@ -1,4 +1,4 @@
-"""kuiper.package: the README of a seed 002 bundle — the file's layout with this model's header
+"""kuiper.package: the README of a Kuiper int8 bundle — the file's layout with this model's header
 values, how KuiperLLama loads it and what to check first (RoPE theta, norm epsilon, tokenizer,
 which the format does not carry), and the read-back results — from templates/kuiper/."""
 from __future__ import annotations

@@ -97,7 +97,7 @@ class KuiperVerify(Stage):
 def report_md(r: dict[str, Any]) -> str:
     h, lay, q = r["header"], r["layout"], r["quality"]
     return "\n".join([
-        f"# Seed 002 int8 file read back ({r['label']})", "",
+        f"# Kuiper int8 file read back ({r['label']})", "",
         f"Header: dim {h['dim']}, hidden_dim {h['hidden_dim']}, {h['n_layers']} layers, {h['n_heads']} heads "
         f"({h['n_kv_heads']} KV), vocab_size {h['vocab_size']}, max_seq_len {h['max_seq_len']}, group {h['group_size']}; "
         f"{r['size_bytes'] / 1e6:.1f} MB.", "",

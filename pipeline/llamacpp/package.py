@@ -1,4 +1,4 @@
-"""llamacpp.package: the board-side files of the bundle — `run.sh` (seed 001's
+"""llamacpp.package: the board-side files of the bundle — `run.sh` (the RK3568 write-up's
 completion-mode command; under qemu when run on a non-Arm machine) and a README
 with the expected output — rendered from templates/llamacpp/."""
 from __future__ import annotations

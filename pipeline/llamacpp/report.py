@@ -19,7 +19,8 @@ def ppl_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| type | file | size (MB) | PPL | ± | Δ vs float |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
         delta = "—" if base is None or r is base else f"{(r['ppl'] / base['ppl'] - 1) * 100:+.2f}%"
-        lines.append(f"| {r['type']} | {r['file']} | {r['size_bytes'] / 1e6:.1f} | {r['ppl']:.4f} | {r['ppl_err']:.4f} | {delta} |")
+        lines.append(f"| {r['type']} | {r['file']} | {r['size_bytes'] / 1e6:.1f} | {r['ppl']:.4f} | "
+                     f"{r['ppl_err']:.4f} | {delta} |")
     return "\n".join(lines)
 
 

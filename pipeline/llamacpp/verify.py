@@ -1,5 +1,5 @@
 """llamacpp.verify: run the cross-built tools on each quantized GGUF under qemu-user:
-a greedy completion of a fixed prompt (seed 001's) and a small llama-bench.
+a greedy completion of a fixed prompt (the RK3568 write-up's) and a small llama-bench.
 Figures are labelled emulated: they say the binaries work, not how fast the board is."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """mnn.config: config.json, MNN's runtime settings for the export, rendered from
-templates/mnn/config.json.j2 (seed 003's keys).
+templates/mnn/config.json.j2 (the keys of MNN's llmexport guide).
 
 Backend, threads, precision, memory policy, generation length, KV reuse and quantization, mmap and
 the sampler are this stage's params: a tweak reruns this stage and the bundle only. The rendered

@@ -1,5 +1,5 @@
 """mnn.export: MNN's `llmexport` (PyPI) on the model stage's HF checkpoint → llm.mnn,
-llm.mnn.weight, tokenizer.mtok, llm_config.json (seed 003).
+llm.mnn.weight, tokenizer.mtok, llm_config.json (MNN's llmexport guide).
 
 Quantization comes from the scheme: weights.bits (4 or 8) → --quant_bit, per-block block_size or
 per-channel (0) → --quant_block, symmetric → --sym. llmexport runs in Kiln's sandbox (no network,
@@ -7,7 +7,7 @@ no pip: MNN's tools try both), as a script so its own package dir is on sys.path
 llmexport` fails with `No module named 'utils'`). Its exit code is not trusted: the outputs and its
 log are checked. Three of its quirks are handled here:
 - a block size that does not divide the hidden size makes it quantize the tied embedding with
-  another block than llm_config.json records, and the model emits garbage (FACTS.md): refused
+  another block than llm_config.json records, and the model emits garbage (docs/mnn.md#quant_block): refused
   before the export, unless `seperate_embed` keeps the embedding out of quantization;
 - a WordLevel/WordPiece tokenizer is exported as its special tokens alone (MNN then crashes):
   refused;

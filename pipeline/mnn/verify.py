@@ -3,7 +3,8 @@
 A fixed prompt (raw text, no chat template) is prefilled and decoded greedily by both: the report
 gives the cosine of the last prompt position's logits, whether the top-1 agrees, how many of the
 first generated tokens match; MNN's prefill and decode tokens/s (host x86 CPU, labelled: not the
-device) go to timings.json, which stays out of the bundle (it differs on every build). A chat question then goes through MNN's own response() (the export's chat template)
+device) go to timings.json, which stays out of the bundle (it differs on every build). A chat question then goes
+through MNN's own response() (the export's chat template)
 for a readable answer. Only the runtime settings that change numerics (precision, memory,
 quant_qkv) come from mnn.config's params; threads, sampler, generation length and mmap do not
 enter this stage's key, so tweaking them reruns mnn.config and the bundle only.
@@ -21,6 +22,8 @@ from pipeline.engine.templating import TEMPLATES
 from pipeline.mnn.runtime import CONFIG, CONFIG_TEMPLATE, EXPORT, NUMERIC_SETTINGS, RUNTIME, VERIFY, MnnConfigParams
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from pipeline.recipe.load import Recipe
 
 
@@ -64,6 +67,12 @@ class MnnVerify(Stage):
     @classmethod
     def ships(cls, recipe: Recipe, variant: str = "") -> str | None:
         return "report"
+
+    @classmethod
+    def headline(cls, out: Path) -> str | None:
+        v = json.loads((out / "verify.json").read_text())
+        return (f"MNN's engine ({v['label']}) answers {v['chat']['question']!r}: {v['chat']['answer'].strip()!r}; "
+                f"logits cosine vs float {v['logits_cosine']:.4f}")
 
     def run(self, ctx: StageContext) -> None:
         import numpy as np

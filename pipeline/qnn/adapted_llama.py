@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.engine.progress import progress
+
 # Additive mask value: exp(-100) is 0 next to any real score, and the range stays small enough
 # for a 16-bit activation encoding of scores + mask (-1e4 would cost 0.15 per step).
 MASK_MIN = -100.0
@@ -212,11 +214,14 @@ Step = Callable[[tuple[torch.Tensor, ...]], list[torch.Tensor]]
 
 
 def run_steps(step: Step, hf_model: nn.Module, ids: list[int], ar: int, context: int,
-              on_step: Callable[[tuple[torch.Tensor, ...], list[torch.Tensor]], None] | None = None) -> torch.Tensor:
+              on_step: Callable[[tuple[torch.Tensor, ...], list[torch.Tensor]], None] | None = None,
+              label: str = "") -> torch.Tensor:
     """Feed `ids` (≤ context tokens) through an AR graph in steps of `ar` tokens, the way the
-    device does; `step` runs one graph call (torch module or onnxruntime). Returns logits [n, vocab]."""
+    device does; `step` runs one graph call (torch module or onnxruntime). Returns logits [n, vocab].
+    With a `label`, the steps report progress under it."""
     got, past = [], None
-    for start in range(0, len(ids), ar):
+    starts = range(0, len(ids), ar)
+    for start in progress(starts, label, "step") if label else starts:
         chunk = ids[start:start + ar]
         inputs = step_inputs(hf_model, chunk, start, ar, context, past)
         outputs = step(inputs)
@@ -231,7 +236,7 @@ def ar_perplexity(step: Step, hf_model: nn.Module, ids: list[int], ar: int, cont
     """exp(mean NLL) over the first `windows` non-overlapping windows of `context` tokens, each run
     through the AR graph step by step (so it measures exactly what the graph computes)."""
     nll, count = 0.0, 0
-    for w in range(min(windows, len(ids) // context)):
+    for w in progress(range(min(windows, len(ids) // context)), "perplexity", "window"):
         chunk = ids[w * context:(w + 1) * context]
         logits = run_steps(step, hf_model, chunk, ar, context).float()
         nll += nn.functional.cross_entropy(logits[:-1], torch.tensor(chunk[1:]), reduction="sum").item()
@@ -269,7 +274,7 @@ def prefill_and_decode(steps: dict[int, Step], hf_model: nn.Module, ids: list[in
     decode step [len(ids) - 1 + decode + 1, vocab] → row i predicts token i + 1, generated tokens)."""
     wide, narrow = max(steps), min(steps)
     got, past = [], None
-    for start in range(0, len(ids), wide):
+    for start in progress(range(0, len(ids), wide), f"prefill (AR-{wide})", "step"):
         chunk = ids[start:start + wide]
         inputs = step_inputs(hf_model, chunk, start, wide, context, past)
         outputs = steps[wide](inputs)
@@ -278,7 +283,7 @@ def prefill_and_decode(steps: dict[int, Step], hf_model: nn.Module, ids: list[in
     generated: list[int] = []
     position = len(ids)
     past = resize_past(past, context - narrow)
-    for _ in range(decode):
+    for _ in progress(range(decode), f"decode (AR-{narrow})", "token"):
         token = int(got[-1][-1].argmax())
         generated.append(token)
         inputs = step_inputs(hf_model, [token], position, narrow, context, past)

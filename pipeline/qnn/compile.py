@@ -7,7 +7,7 @@ grid), then compiled by onnxruntime-qnn with no CPU fallback, twice:
   the name qnn-context-binary-generator gives it) + one EPContext ONNX per graph — what
   qnn.package ships as `models/`;
 - `unshared/`: one binary per graph — what the x86 HTP simulator can load (it crashes on shared
-  binaries: FACTS.md), for `verify`.
+  binaries: docs/qualcomm.md#weight-sharing), for `verify`.
 Every binary is read back through libQnnSystem (pipeline/qnn/qnn_binary.py) and checked against the
 recipe: the target's soc model, one graph per AR length, the expected I/O. io.json lists each
 graph's device I/O (dtype, shape, scale/offset) for qnn.genie_config and verify.
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from pipeline.engine.errors import KilnError
+from pipeline.engine.progress import progress
 from pipeline.engine.stage import StageContext, Strict
 
 # the SDK tool's name for the shared binary; ort-qnn's is renamed to it
@@ -56,7 +57,7 @@ class QnnCompile(GraphStage):
 
     @classmethod
     def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        # qairt-converter reads the float graphs (with the encodings as overrides), as in seed 000
+        # qairt-converter reads the float graphs (with the encodings as overrides), as in Qualcomm's own flow
         return [QUANTIZE, *(export_nodes(recipe) if provider(recipe) == "qairt" else [])]
 
     @classmethod
@@ -90,7 +91,7 @@ class QnnCompile(GraphStage):
         for g in graphs:
             ins, outs = write_device_graph(ctx.inputs[QUANTIZE] / g["qdq"], scratch / f"{g['graph']}.onnx")
             io[g["graph"]] = {"ar": g["ar"], "inputs": [t.to_json() for t in ins], "outputs": [t.to_json() for t in outs]}
-        for g in graphs:
+        for g in progress(graphs, "compile (unshared)", "graph"):
             ctx.log.info(f"compiling {g['graph']} for {p['soc']} (soc_model {p['soc_model']}, v{p['htp_arch']})")
             t0 = time.monotonic()
             compile_graph(scratch / f"{g['graph']}.onnx", ctx.out / "unshared" / f"{g['graph']}.onnx",

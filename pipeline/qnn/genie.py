@@ -1,6 +1,6 @@
 """Qualcomm Genie: its configs, rendered from templates, and its real runtime (libGenie's C API).
 
-onnxruntime-qnn ships an x86_64 `libGenie.so` (Genie API 1.21, FACTS.md). Kiln uses it twice:
+onnxruntime-qnn ships an x86_64 `libGenie.so` (Genie API 1.21; docs/qualcomm.md#genie). Kiln uses it twice:
 - `GenieDialogConfig_createFromJson` is Genie's own schema check of a dialog config, offline:
   every rendered `htp-model-config-*.json` goes through it;
 - a dialog over unshared context binaries runs on the x86 HTP simulator (`verify`).

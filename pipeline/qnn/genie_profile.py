@@ -1,4 +1,4 @@
-"""Genie's `--profile perf.json` (genie-t2t-run on the phone, seed 000) read into Kiln's reports.
+"""Genie's `--profile perf.json` (genie-t2t-run on the phone; format in docs/qualcomm.md) read into Kiln's reports.
 
 The file: a header (`artifact_type: GENIE_PROFILE`), then components (a dialog) whose events are
 GenieDialog_create (init-time), one GenieDialog_query per prompt (num-prompt-tokens,

@@ -37,7 +37,8 @@ def compare_with_hf(hf: torch.nn.Module, onnx_path: Path, names_in: list[str], n
     with torch.no_grad():
         reference = hf(torch.tensor([ids])).logits[0].numpy()
     vectors: dict[str, np.ndarray] = {}
-    logits = run_steps(ort_step(ort_session(onnx_path), names_in, names_out, vectors), hf, ids, ar, context).numpy()
+    logits = run_steps(ort_step(ort_session(onnx_path), names_in, names_out, vectors), hf, ids, ar, context,
+                       label=f"onnxruntime vs HF (AR-{ar})").numpy()
     return {
         "tokens": len(ids),
         "max_abs_logit_diff": float(np.abs(logits - reference).max()),

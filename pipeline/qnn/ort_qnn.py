@@ -1,6 +1,6 @@
 """onnxruntime-qnn (PyPI): the QNN execution provider plugin with QNN's x86_64 libraries.
 
-Two uses, both through ordinary onnxruntime sessions (FACTS.md, QNN section):
+Two uses, both through ordinary onnxruntime sessions (docs/qualcomm.md#onnxruntime-qnn):
 - offline compile: a session with `ep.context_enable` writes an EPContext ONNX and a real HTP
   context binary for the SoC named in the provider options; sessions created with
   `ep.share_ep_contexts` put their graphs into one weight-shared binary;

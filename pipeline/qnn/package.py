@@ -1,9 +1,9 @@
-"""qnn.package: the phone side of seed 000's `to_device/`, beside qnn.genie_config's two configs.
+"""qnn.package: the phone side of the Genie bundle's `to_device/`, beside qnn.genie_config's two configs.
 
 - `models/weight_sharing_model_1_of_1.serialized.bin` (qnn.compile's shared binary) and its
   EPContext ONNX models (for onnxruntime-qnn on the device instead of Genie);
 - `tokenizer.json`; prompt files `lprompt_<N>.txt` of exactly N tokens of held-out text;
-- `run.sh`: the seed's `adb push` / `adb shell` / `genie-t2t-run -c ... -p ...` commands, the
+- `run.sh`: Qualcomm's walkthrough's `adb push` / `adb shell` / `genie-t2t-run -c ... -p ...` commands, the
   long-prompt runs with `--profile perf.json` and the pull back for `python -m pipeline perf`;
 - the QAIRT SDK runtime libraries Genie needs on the phone (not on PyPI for Android): copied
   from `$QNN_SDK_ROOT` when it is set (the SDK version then enters the key), else listed in
@@ -35,7 +35,7 @@ DEVICE_DIR = "/data/local/tmp/{recipe}"
 
 class QnnPackageParams(Strict):
     prompt_tokens: list[int] = Field([1024, 4096], description="Long-prompt files to write, by exact token count "
-                                     "(seed 000 profiles with 1024 and 4096).")
+                                     "(Qualcomm's Genie walkthrough profiles 1024 and 4096).")
     prompt: str = Field("The capital of France is", description="The prompt run.sh's chat answers (prompt.txt).")
     device_dir: str = Field("", description="Folder on the phone (default /data/local/tmp/<recipe>).")
 

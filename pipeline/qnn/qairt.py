@@ -11,7 +11,7 @@ Genie LLM bundles, on the SDK the user installed and points `QNN_SDK_ROOT` at:
    HTP backend-extension config asking for weight sharing: ONE context binary holding every graph,
    `weight_sharing_model_1_of_1.serialized.bin`, the file Genie's `ctx-bins` lists.
 
-Where the flag spellings come from (the SDK cannot be installed here; tests/qairt_doubles stand in):
+Where the flag spellings come from (the SDK cannot be installed here; tests/qnn/qairt_doubles stand in):
 - Qualcomm's Llama-3.2 Genie notebook pipeline (its `QairtCompile` class; public copies are on GitHub)
   runs exactly this:
     qairt-converter --input_network X.onnx --quantization_overrides X.encodings -o X.dlc
@@ -193,7 +193,7 @@ def write_configs(root: Path, out: Path, graph_names: list[str], soc_model: int,
     """The two JSON files behind `qnn-context-binary-generator --config_file`; returns the outer one.
 
     The outer file names the HTP extension library and the inner config; the inner one is the
-    HTP backend-extension config (FACTS.md, QNN section) plus per-graph compile options.
+    HTP backend-extension config (docs/qualcomm.md#htp-backend-extension-config) plus per-graph compile options.
     """
     inner = {
         # cores matter to a runner, not to the compiler; Qualcomm's notebook passes them anyway. (One user report

@@ -36,13 +36,17 @@ if TYPE_CHECKING:
 
 
 class QnnQuantizeParams(Strict):
-    calibration_samples: int = Field(8, ge=1, description="Chat-formatted calibration prompts for the activation and KV ranges (run through the AR graph step by step).")
-    weight_calibration_samples: int = Field(64, ge=1, description="Calibration prompts SeqMSE/GPTQ see (layer by layer; the first `calibration_samples` of them are the activation prompts).")
+    calibration_samples: int = Field(8, ge=1, description="Chat-formatted calibration prompts for the activation and KV "
+                                     "ranges (run through the AR graph step by step).")
+    weight_calibration_samples: int = Field(64, ge=1, description="Calibration prompts SeqMSE/GPTQ see (layer by layer; "
+                                            "the first `calibration_samples` of them are the activation prompts).")
     calibration_tokens: int = Field(128, ge=8, description="Text tokens per calibration prompt (and as many answering).")
     eval_windows: int = Field(8, ge=1, description="Non-overlapping windows of context_length tokens of evaluation text scored.")
     encodings_version: Literal["1.0.0", "0.6.1"] = Field("1.0.0", description="AIMET encodings file version.")
-    max_qdq_sim_gap_pct: float = Field(1.0, gt=0, description="Fail when the QDQ ONNX's PPL differs more than this from the torch sim's.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where weight calibration (SeqMSE/GPTQ) runs; auto = CUDA when present.")
+    max_qdq_sim_gap_pct: float = Field(1.0, gt=0,
+                                       description="Fail when the QDQ ONNX's PPL differs more than this from the torch sim's.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where weight calibration (SeqMSE/GPTQ) runs; auto = CUDA when present.")
 
 
 def calibration_batches(tokenizer: Any, text: str, samples: int, tokens: int) -> list[list[int]]:
@@ -198,7 +202,8 @@ class QnnQuantize(GraphStage):
                      f"QDQ {ppl_qdq:.4f} ({report['delta_qdq_pct']:+.2f}%); QDQ vs sim {gap:+.2f}%; "
                      f"min weight SQNR {min(r['sqnr_db'] for r in rows):.1f} dB")
         if abs(gap) > p["max_qdq_sim_gap_pct"]:
-            raise KilnError(f"qnn.quantize: the QDQ ONNX (PPL {ppl_qdq:.4f}) and the {scheme['engine']} sim (PPL {ppl_sim:.4f}) differ by "
+            raise KilnError(f"qnn.quantize: the QDQ ONNX (PPL {ppl_qdq:.4f}) and the {scheme['engine']} sim (PPL "
+                            f"{ppl_sim:.4f}) differ by "
                             f"{gap:+.2f}%, more than max_qdq_sim_gap_pct {p['max_qdq_sim_gap_pct']}")
 
 
@@ -216,9 +221,11 @@ class Calibration:
 
     def drive(self, step: Step) -> list[Any]:
         """The activation prompts through a graph step function, step by step as on the device."""
+        from pipeline.engine.progress import progress
         from pipeline.qnn.adapted_llama import run_steps
 
-        return [run_steps(step, self.hf, b, self.ar, self.context) for b in self.prompts]
+        return [run_steps(step, self.hf, b, self.ar, self.context)
+                for b in progress(self.prompts, "activation ranges", "prompt")]
 
 
 # (QuantParams by initializer, activation encodings by tensor, sim step, report rows, report extras)

@@ -8,7 +8,8 @@
     model than the quantization itself does (`max_top1_drop`).
 (b) The real Genie runtime (libGenie, x86): the bundle's dialog config — rendered from the same
     templates and qnn.genie_config params — pointed at the unshared binaries (the simulator cannot
-    load the weight-shared one) with a greedy sampler, answers each prompt; the float model's greedy answer must match for `match_tokens` tokens.
+    load the weight-shared one) with a greedy sampler, answers each prompt; the float model's greedy answer must match
+    for `match_tokens` tokens.
     Genie's log and its tokens/s (simulator, not phone) go into the report. The sampler is not part
 of this stage's key (it is replaced by greedy), so a sampler tweak does not rerun it.
 The simulator is slow (~20 s per AR-1 step and ~2 min per AR-128 step for SmolLM2-135M on two

@@ -7,6 +7,7 @@ values, defaults filled) is what enters keys, so comments, key order or an
 """
 from __future__ import annotations
 
+import re
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,9 +47,9 @@ def recipe_model(stages: tuple[type[Stage], ...]) -> type[BaseModel]:
         target=(TargetSpec, Field(description="Target name from recipes/targets/, or `{use: name, ...overrides}`.")),
         scheme=(SchemeSpec, Field(description="Scheme name from recipes/schemes/, or `{use: name, ...overrides}`.")),
         context_length=(int, Field(4096, ge=16, le=131072, description="KV-cache length (tokens) of exported graphs.")),
-        ar_lengths=(list[int], Field([128, 1], min_length=1, description="AR (tokens per step) variants: prefill and decode graphs.")),
+        ar_lengths=(list[int], Field([128, 1], min_length=1,
+                                     description="AR (tokens per step) variants: prefill and decode graphs.")),
         text=(TextSpec, Field(default_factory=TextSpec, description="Calibration and evaluation text.")),
-        store=(str | None, Field(None, description="Store directory (shared storage); KILN_STORE overrides; never part of a key.")),
         stages=(stage_params, Field(default_factory=stage_params, description="Per-stage settings, by stage name.")),
     )
 
@@ -66,6 +67,7 @@ class Recipe:
     positions: Positions
     settings: Settings
     stages: tuple[type[Stage], ...]  # the stages it was validated against; the plan draws from them
+    notes: tuple[str, ...] = ()  # said once when the recipe is built (e.g. "target gen4 → sm8750")
 
     @property
     def model(self) -> ModelSpec:
@@ -111,11 +113,12 @@ def load_recipe(name: str, settings: Settings | None, stages: Sequence[type[Stag
     doc, pos = _load_with_extends(file, settings, stack=())
     if not isinstance(doc, dict):
         raise RecipeError(f"{settings.shown(file)}:1: a recipe is a mapping of keys to values")
+    notes: list[str] = []
     for kind, folder in (("target", "targets"), ("scheme", "schemes")):
         if kind in doc:
-            doc[kind], pos = _resolve_ref(kind, doc[kind], settings.recipes_dir / folder, pos, settings)
+            doc[kind], pos = _resolve_ref(kind, doc[kind], settings.recipes_dir / folder, pos, settings, notes)
     spec = _validate(recipe_model(stages), doc, pos, settings.shown(file))
-    return Recipe(name=name, file=file, spec=spec, positions=pos, settings=settings, stages=stages)
+    return Recipe(name=name, file=file, spec=spec, positions=pos, settings=settings, stages=stages, notes=tuple(notes))
 
 
 def _load_with_extends(file: Path, settings: Settings, stack: tuple[Path, ...]) -> tuple[Any, Positions]:
@@ -141,8 +144,39 @@ def _load_with_extends(file: Path, settings: Settings, stack: tuple[Path, ...]) 
     return deep_merge(merged, doc, merged_pos, pos)
 
 
-def _resolve_ref(kind: str, ref: Any, folder: Path, pos: Positions, settings: Settings) -> tuple[Any, Positions]:
-    """`target: sm8750` or `target: {use: sm8750, soc: {...}}` → the merged mapping."""
+def normal_name(word: str) -> str:
+    """How aliases compare: case, spaces, '-', '_' and '.' do not matter ('8 Elite' = '8-elite')."""
+    return re.sub(r"[^a-z0-9]", "", word.lower())
+
+
+def target_names(folder: Path, settings: Settings) -> dict[str, list[str]]:
+    """{target: the other names it answers to}: its `aliases`, SoC part number, chip name and HTP arch."""
+    names: dict[str, list[str]] = {}
+    for name in available(folder):
+        doc, _ = _load_with_extends(folder / f"{name}.yaml", settings, stack=())
+        if not isinstance(doc, dict):
+            continue
+        soc = doc.get("soc") if isinstance(doc.get("soc"), dict) else {}
+        aliases = doc.get("aliases") if isinstance(doc.get("aliases"), list) else []
+        words = [w for w in [*aliases, soc.get("name"), soc.get("chip"), soc.get("dsp_arch")] if isinstance(w, str)]
+        names[name] = list(dict.fromkeys(w for w in words if normal_name(w) and normal_name(w) != normal_name(name)))
+    return names
+
+
+def target_aliases(folder: Path, settings: Settings) -> dict[str, list[str]]:
+    """{normalized alias: the targets it fits}."""
+    fits: dict[str, list[str]] = {}
+    for target, words in target_names(folder, settings).items():
+        for word in [target, *words]:  # its own name in another spelling too ('SM8750')
+            if target not in fits.setdefault(normal_name(word), []):
+                fits[normal_name(word)].append(target)
+    return fits
+
+
+def _resolve_ref(kind: str, ref: Any, folder: Path, pos: Positions, settings: Settings,
+                 notes: list[str]) -> tuple[Any, Positions]:
+    """`target: sm8750` or `target: {use: sm8750, soc: {...}}` → the merged mapping; a target may
+    also be named by an alias (`gen4`, `v79`), which `notes` records."""
     overrides: dict[str, Any] = {}
     name = ref
     if isinstance(ref, dict):
@@ -150,8 +184,16 @@ def _resolve_ref(kind: str, ref: Any, folder: Path, pos: Positions, settings: Se
         name = ref.get("use")
     field = (kind, "use") if isinstance(ref, dict) else (kind,)
     names = available(folder)
+    where = _nearest(pos, field) or Location(settings.shown(folder), 1)
+    if kind == "target" and isinstance(name, str) and name not in names:
+        fits = target_aliases(folder, settings).get(normal_name(name), [])
+        if len(fits) > 1:
+            raise RecipeError(f"{where}: {format_path(field)}: {name!r} fits several targets: {', '.join(fits)}; "
+                              "name one of them")
+        if fits:
+            notes.append(f"target {name} → {fits[0]}")
+            name = fits[0]
     if not isinstance(name, str) or not (folder / f"{name}.yaml").is_file():
-        where = _nearest(pos, field) or Location(settings.shown(folder), 1)
         raise RecipeError(
             f"{where}: {format_path(field)}: unknown {kind} {name!r}{did_you_mean(str(name), names)}; "
             f"known: {', '.join(names)}"

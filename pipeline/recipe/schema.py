@@ -7,9 +7,9 @@ never drift from the code. Stage-specific settings live with their stage
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
 from pipeline.engine.stage import Strict
 
@@ -73,6 +73,11 @@ class TargetSpec(Strict):
 
     name: str = Field(description="The target's file name (set by Kiln).")
     description: str = Field("", description="One line about the device.")
+    aliases: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")]] = Field(
+        default_factory=list,
+        description="Other names a recipe may use for the target (marketing names such as `8-elite` or `gen4`); the SoC's "
+                    "part number, chip name and HTP arch (`v79`) count too. Matched ignoring case, spaces, `-` and `_`; "
+                    "a name that fits several targets is refused with the candidates.")
     runtime: Literal["genie", "llama.cpp", "mnn", "kuiper", "hf"] = Field(
         description="What runs the model on the device."
     )
@@ -119,7 +124,8 @@ class TextSource(Strict):
 
     kjv: str | None = Field(None, description="Verse range for Debian's `bible` (package bible-kjv), e.g. `Gen1:1-50:26`.")
     file: str | None = Field(None, description="A UTF-8 text file (relative paths from the repository root).")
-    hf_dataset: str | None = Field(None, description="A dataset id in the local HF cache (offline), e.g. `wikitext`; with `path`.")
+    hf_dataset: str | None = Field(None,
+                                   description="A dataset id in the local HF cache (offline), e.g. `wikitext`; with `path`.")
     path: str | None = Field(None, description="For hf_dataset: the .txt / .jsonl / .json file inside the dataset repo.")
     field: str = Field("text", description="For .jsonl/.json records: the field holding the text.")
     revision: str = Field("main", description="For hf_dataset: branch, tag or commit.")
@@ -136,7 +142,8 @@ class TextSource(Strict):
 
 class TextSpec(Strict):
     calibration: TextSource = Field(TextSource(kjv="Gen1:1-50:26"), description="Calibration text (imatrix, PTQ).")
-    evaluation: TextSource = Field(TextSource(kjv="Exod1:1-40:38"), description="Held-out evaluation text (perplexity); must not overlap calibration.")
+    evaluation: TextSource = Field(TextSource(kjv="Exod1:1-40:38"),
+                                   description="Held-out evaluation text (perplexity); must not overlap calibration.")
 
 
 class Override(Strict):

@@ -4,7 +4,7 @@ the stage fails loudly even when the tool swallows the exception.
 
 Mechanism: a PEP 578 audit hook (it cannot be removed by the code it watches). Known telemetry is
 switched off before it can run: MNN's Python tools import `MNN.tools.utils.log`, which runs
-`pip install -U aliyun-log-python-sdk` and posts to Aliyun (FACTS.md); its module is replaced by one
+`pip install -U aliyun-log-python-sdk` and posts to Aliyun (docs/mnn.md#pip-and-telemetry); its module is replaced by one
 whose `mnn_logger` is None — the value MNN itself falls back to when the logger cannot load.
 """
 import os

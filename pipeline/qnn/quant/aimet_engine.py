@@ -2,7 +2,7 @@
 QuantizationSimModel on the float AR graph computes the encodings; Kiln reads them back,
 validates them like its own and builds the same QDQ ONNX from them.
 
-What AIMET does here (aimet-onnx 2.42, FACTS.md):
+What AIMET does here (aimet-onnx 2.42; docs/qualcomm.md#aimet):
 - weights on the scheme's grid (`set_param_type` with a per-tensor / per-channel / blockwise
   QSpec), activations on `activations.bits`, min-max ranges (`rtn`) or AIMET's own Sequential
   MSE (`seqmse`, run before the ranges as AIMET's docs order it);

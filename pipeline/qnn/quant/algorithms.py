@@ -97,7 +97,8 @@ def gptq(w: torch.Tensor, grid: Grid, h: torch.Tensor, ranges: tuple[torch.Tenso
     q = torch.zeros_like(w)
     for i0 in range(0, inp, block):
         i1 = min(i0 + block, inp)
-        w_blk, err_blk, hinv_blk = w[:, i0:i1].clone(), torch.zeros(out, i1 - i0, dtype=w.dtype, device=w.device), hinv[i0:i1, i0:i1]
+        w_blk, err_blk, hinv_blk = w[:, i0:i1].clone(), torch.zeros(out, i1 - i0, dtype=w.dtype,
+                                                                    device=w.device), hinv[i0:i1, i0:i1]
         for j in range(i1 - i0):
             col, d = w_blk[:, j], hinv_blk[j, j]
             s, z = col_scale[:, i0 + j], col_zero[:, i0 + j]

@@ -221,7 +221,7 @@ def parse_v1(doc: dict[str, Any], where: str) -> tuple[dict[str, Encoding], dict
 
 def check_device_rules(activations: dict[str, Encoding], params: dict[str, Encoding], kv_bits: int,
                        conv_weights: set[str], where: str) -> None:
-    """What HTP and Genie need of the encodings, whichever engine made them (FACTS.md):
+    """What HTP and Genie need of the encodings, whichever engine made them (docs/qualcomm.md#htp-numerics):
     every past_*_in/_out pair has one encoding of `kv_bits` (Genie copies KV bytes raw), int8
     Conv weights are symmetric, int4 weights are per-channel or per-block (never per-tensor)."""
     problems = []

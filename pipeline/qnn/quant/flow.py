@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from pipeline.engine.progress import progress
 from pipeline.qnn.adapted_llama import AdaptedLlama, hf_names, run_steps
 from pipeline.qnn.quant import qdq
 from pipeline.qnn.quant.model import onnx_params, quantize_weights
@@ -38,7 +39,7 @@ def calibrated_sim(hf: torch.nn.Module, params: dict[str, qdq.QuantParam], schem
     for name, param in params.items():
         state[name].data = torch.from_numpy(qdq.dequantize(param)).reshape(state[name].shape)
     sim = QuantSim(model, scheme["activations"], scheme["kv_cache"], float16_ratio(scheme))
-    for prompt in prompts:
+    for prompt in progress(prompts, "sim ranges", "prompt"):
         run_steps(sim.step(), hf, prompt, ar, context)
     sim.freeze()
     return sim

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pipeline.engine.progress import progress
 from pipeline.qnn.quant import algorithms
 from pipeline.qnn.quant.grid import Grid, quantize
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from pipeline.qnn.quant.qdq import QuantParam
 
 
-# Norm gammas without an override: HTP wants them at 16 bits (FACTS.md), never at the
+# Norm gammas without an override: HTP wants them at 16 bits (docs/qualcomm.md#htp-numerics), never at the
 # scheme's 4-bit Conv default.
 NORM_DEFAULT = {"bits": 16, "granularity": "per-tensor", "symmetric": True}
 
@@ -156,12 +157,14 @@ def quantize_weights(model: torch.nn.Module, scheme: dict[str, Any], algorithm: 
             done.add(id(module.weight))
             todo[name] = (module, grid)
     if algorithm not in ("seqmse", "gptq"):
-        return [_quantize_one(n, m, g, algorithm, None, device) for n, (m, g) in todo.items()]
+        return [_quantize_one(n, m, g, algorithm, None, device)
+                for n, (m, g) in progress(todo.items(), f"{algorithm} weights", "weight", len(todo))]
 
     rows = []
     states = layer0_inputs(model, batches, device)
     with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
+        layers = model.model.layers
+        for i, layer in progress(enumerate(layers), f"{algorithm} weights", "layer", len(layers)):
             mine = {n: todo[n] for n in todo if n.startswith(f"model.layers.{i}.")}
             layer.to(device)
             with HessianTap({n: m for n, (m, _) in mine.items()}) as tap:

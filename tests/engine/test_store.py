@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import ROOT
 from pipeline.cli.gc import gc
 from pipeline.cli.verify import verify
+from pipeline.engine.errors import KilnError
 from pipeline.engine.lock import FileLock
 from pipeline.engine.materialize import materialize
 from pipeline.engine.store import Store
@@ -52,6 +54,7 @@ def test_second_publish_of_same_key_is_discarded(tmp_path):
 WRITER = """
 import sys, time
 from pathlib import Path
+from pipeline.engine.errors import KilnError
 from pipeline.engine.store import Store
 store = Store(Path(sys.argv[1]))
 scratch = store.new_scratch(sys.argv[2])
@@ -201,3 +204,53 @@ def test_link_tree_never_writes_through_an_existing_hard_link(tmp_path, method):
     with pytest.raises(OSError):
         link_tree(src, dst, methods=(method,))
     assert (src / "weights.data").read_bytes() == b"x" * 4096
+
+
+def test_publish_drops_tmp_and_refuses_anything_beside_out(tmp_path):
+    """Scratch files go to tmp/ (dropped); a file a stage writes next to out/ would be published
+    outside the manifest, unseen by verify: refused, nothing published, the scratch stays for gc."""
+    store = Store(tmp_path)
+    scratch = store.new_scratch(KEY)
+    (scratch / "out" / "result.txt").write_text("ok")
+    (scratch / "tmp" / "big.onnx").write_bytes(b"x" * 1000)
+    (scratch / "weights_only").mkdir()
+    (scratch / "weights_only" / "w.onnx").write_bytes(b"w")
+    with pytest.raises(KilnError, match=r"the stage wrote weights_only beside its output dir; .*ctx\.tmp"):
+        store.publish(scratch, KEY, {})
+    assert not store.has(KEY) and not (scratch / "tmp").exists()
+
+    (scratch / "weights_only" / "w.onnx").unlink()
+    (scratch / "weights_only").rmdir()
+    (scratch / "log.txt").write_text("log")
+    assert store.publish(scratch, KEY, {})
+    assert sorted(p.name for p in store.entry(KEY).iterdir()) == ["log.txt", "meta.json", "out"]
+    assert list(store.meta(KEY)["files"]) == ["result.txt"]
+
+
+def test_doit_gc_and_python_m_pipeline_gc_agree(tiny_project, monkeypatch):
+    """One store (KILN_STORE / pyproject, never a recipe's), one set of defaults, exit 0 even when
+    there is nothing to remove (doit used to fail on gc's empty list)."""
+    from pipeline.cli.gc import OPTIONS
+
+    tiny_project.doit("recipe=tiny")
+    old = "01" * 32
+    publish_one(Store(tiny_project.store), old)
+    for argv in ([sys.executable, "-m", "pipeline", "gc", "--dry-run"],
+                 [sys.executable, "-m", "doit", "-f", "dodo.py", "recipe=tiny", "gc", "--dry-run"]):
+        proc = subprocess.run(argv, env=tiny_project.env(), capture_output=True, text=True, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "gc: kept 3 entries" in proc.stdout and "would remove" not in proc.stdout  # 30 days: too young
+    help_text = subprocess.run([sys.executable, "-m", "pipeline", "gc", "--help"], capture_output=True, text=True,
+                               cwd=ROOT).stdout
+    help_text = " ".join(help_text.split())  # argparse wraps lines
+    doit_help = subprocess.run([sys.executable, "-m", "doit", "-f", "dodo.py", "recipe=tiny", "help", "gc"],
+                               env=tiny_project.env(), capture_output=True, text=True, cwd=ROOT).stdout
+    for _name, flag, _kind, default, _text in OPTIONS:
+        assert flag in help_text and flag in doit_help
+        assert default is False or f"default: {default}" in help_text
+    empty = subprocess.run([sys.executable, "-m", "doit", "-f", "dodo.py", "recipe=tiny", "gc", "--max-age-days", "0"],
+                           env=tiny_project.env(), capture_output=True, text=True, cwd=ROOT)
+    assert empty.returncode == 0 and f"removed {old[:16]}" in empty.stdout
+    again = subprocess.run([sys.executable, "-m", "doit", "-f", "dodo.py", "recipe=tiny", "gc"], env=tiny_project.env(),
+                           capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0 and "removed" not in again.stdout

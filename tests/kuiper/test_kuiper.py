@@ -1,4 +1,4 @@
-"""Seed 002's int8 format: the header and group quantization on known values, the Q/K permutation,
+"""The Kuiper int8 format: the header and group quantization on known values, the Q/K permutation,
 and a tiny Llama written, read back and run — the reader's logits equal HF's with the same int8
 weights; a file without the permutation, or cut short, is caught."""
 from __future__ import annotations
@@ -32,7 +32,7 @@ def test_header_is_eight_little_endian_int32_with_the_vocab_sign_as_the_classifi
 
 
 def test_group_quantization_matches_the_seeds_worked_examples():
-    # seed 002: [3,5,2,4] in groups of 2 → scales 5/127, 4/127 → q 76, 127, 64, 127
+    # the exporter's own example: [3,5,2,4] in groups of 2 → scales 5/127, 4/127 → q 76, 127, 64, 127
     q, s = quantize_q8(np.array([[3, 5, 2, 4]], np.float32), 2)
     np.testing.assert_allclose(s, [5 / 127, 4 / 127], rtol=1e-7)
     assert q.tolist() == [[76, 127, 64, 127]]

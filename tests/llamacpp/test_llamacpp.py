@@ -1,4 +1,4 @@
-"""llama.cpp path (seed 001): planning, keys, toolchain rendering, errors — no builds here."""
+"""llama.cpp path: planning, keys, toolchain rendering, errors — no builds here."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""qnn.package + bundle on the tiny model: seed 000's to_device/ layout (weight-shared binary under
+"""qnn.package + bundle on the tiny model: the Genie bundle's to_device/ layout (weight-shared binary under
 models/, Genie configs, tokenizer, exact-length prompt files, run.sh with the adb / genie-t2t-run
 commands) and the QAIRT runtime libraries: listed without an SDK, copied from QNN_SDK_ROOT."""
 from __future__ import annotations
@@ -42,8 +42,9 @@ def test_bundle_is_the_seed_layout_and_sdk_libraries_come_from_qnn_sdk_root(tiny
     assert "libQnnHtpV79Skel.so\t$QNN_SDK_ROOT/lib/hexagon-v79/unsigned/libQnnHtpV79Skel.so\tADD" in \
         (to_device / "SDK_LIBRARIES.txt").read_text()
 
+    from qairt_doubles.make_sdk import make_fake_sdk
+
     from pipeline.qnn.package import sdk_libraries
-    from tests.qairt_doubles.make_sdk import make_fake_sdk
 
     sdk = make_fake_sdk(tmp_path / "qairt" / "2.39.0.250926")
     for name, rel in sdk_libraries("v79").items():

@@ -22,7 +22,8 @@ def test_weights_on_the_grid_are_reproduced_exactly(grid):
     scale, zero = scale_zero(g, grid)
     on_grid = ((quantize(g, scale, zero, grid) - zero) * scale).reshape(w.shape)  # already representable
     x = torch.randn(32, 16)
-    for algo in (lambda v: rtn(v, grid), lambda v: mse(v, grid), lambda v: seqmse(v, grid, hessian(x)), lambda v: gptq(v, grid, hessian(x))):
+    for algo in (lambda v: rtn(v, grid), lambda v: mse(v, grid),
+                 lambda v: seqmse(v, grid, hessian(x)), lambda v: gptq(v, grid, hessian(x))):
         assert torch.allclose(algo(on_grid)[0], on_grid, atol=1e-5)
 
 

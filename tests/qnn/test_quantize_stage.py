@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 from pipeline.qnn.quant import encodings
 from tests.conftest import tiny_htp_recipe
@@ -26,6 +27,17 @@ def test_quantize_stage_outputs_then_algorithm_change_reruns_only_quantize(tiny_
         assert f'params.algorithm: "{before}" → "{algorithm}"' in explain
         assert built(tiny_htp_project.doit("recipe=tq", "tq:qnn.quantize").stdout) == ["qnn.quantize"]
         check_outputs(tiny_htp_project, algorithm)
+        check_progress(tiny_htp_project, algorithm)
+
+
+def check_progress(project, algorithm: str) -> None:
+    """Built with no terminal attached (doit's output captured): the entry's log still reports the
+    sequential calibration layer by layer, with a rate and an estimate, one line per report."""
+    ws = project.artifacts / "tq" / "qnn.quantize"
+    log = (Path(json.loads((ws / ".kiln-entry.json").read_text())["entry"]) / "log.txt").read_text()
+    assert "\r" not in log
+    assert re.search(rf"^{algorithm} weights: +100%\|#+\| 2/2 \[\d\d:\d\d<00:00, +[\d.]+(layer/s|s/layer)\]$", log, re.M), log
+    assert re.search(r"^perplexity: +100%.*\| 2/2 \[\d\d:\d\d<00:00, +[\d.]+(window/s|s/window)\]$", log, re.M)
 
 
 def check_outputs(tiny_project, algorithm: str) -> None:
@@ -59,7 +71,8 @@ def check_outputs(tiny_project, algorithm: str) -> None:
 
 
 def test_encodings_061_with_per_block_weights_is_refused_at_plan_time(tiny_project):
-    tiny_project.write("tq.yaml", RECIPE.replace("ALGO", "rtn").replace("eval_windows: 2", "eval_windows: 2, encodings_version: '0.6.1'"))
+    tiny_project.write("tq.yaml", RECIPE.replace("ALGO", "rtn").replace("eval_windows: 2",
+                                                                        "eval_windows: 2, encodings_version: '0.6.1'"))
     proc = tiny_project.doit("recipe=tq", check=False)
     assert proc.returncode != 0
     assert re.search(r"tq.yaml:7: stages.qnn.quantize.encodings_version: 0.6.1 cannot express the per-block weights "

@@ -49,6 +49,7 @@ def test_a_well_behaved_tool_runs_and_its_own_failure_is_reported(tmp_path):
 def test_mnn_converter_imports_without_pip_or_telemetry(tmp_path):
     pytest.importorskip("MNN")
     marker = tmp_path / "logger.txt"
-    run_sandboxed(tool(tmp_path, f"from MNN.tools import mnnconvert\nopen({str(marker)!r}, 'w').write(repr(mnnconvert.mnn_logger))\n"),
+    run_sandboxed(tool(tmp_path,
+                       f"from MNN.tools import mnnconvert\nopen({str(marker)!r}, 'w').write(repr(mnnconvert.mnn_logger))\n"),
                   what="mnnconvert import")
     assert marker.read_text() == "None"

@@ -1,6 +1,6 @@
 """What the QAIRT tool doubles share: argv logging, strict argparse, error exits, DLC stand-ins.
 
-The doubles exist only because Qualcomm's QAIRT SDK cannot be installed here (FACTS.md, QNN section);
+The doubles exist only because Qualcomm's QAIRT SDK cannot be installed here (docs/qualcomm.md#qairt-sdk);
 they check their arguments the way the real tools would and write small JSON stand-ins, never models.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 STANDIN_MARK = "kiln-test-double"
-STANDIN_NOTE = "stand-in written by a Kiln test double (tests/qairt_doubles); not a real {kind}"
+STANDIN_NOTE = "stand-in written by a Kiln test double (tests/qnn/qairt_doubles); not a real {kind}"
 
 
 def log_argv(tool: str) -> None:

@@ -111,7 +111,7 @@ def test_qairt_provider_runs_the_sdk_tools_and_checks_what_they_wrote(tiny_htp_p
     import os
     import sys
 
-    from tests.qairt_doubles.make_sdk import make_fake_sdk
+    from qairt_doubles.make_sdk import make_fake_sdk
 
     sdk = make_fake_sdk(tmp_path / "qairt" / "2.39.0.250926")
     log = tmp_path / "doubles.jsonl"

@@ -1,4 +1,4 @@
-"""Genie's perf.json (seed 000's example, verbatim) read into the recipe's device report."""
+"""Genie's perf.json (Qualcomm's example, verbatim) read into the recipe's device report."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from pipeline.cli.perf import ingest
 from pipeline.engine.errors import KilnError
 from pipeline.qnn import genie_profile
 
-SEED = Path(__file__).parent / "data" / "genie_perf_seed000.json"
+SEED = Path(__file__).parent / "data" / "genie_perf_example.json"
 
 
 def test_seed_profile_reads_to_the_figures_the_seed_quotes():

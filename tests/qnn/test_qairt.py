@@ -1,6 +1,6 @@
 """The `qairt` qnn.compile provider (pipeline/qnn/qairt.py) against test doubles of the QAIRT SDK tools.
 
-The SDK cannot be installed here, so tests/qairt_doubles stands in for its three tools: they parse argv
+The SDK cannot be installed here, so tests/qnn/qairt_doubles stands in for its three tools: they parse argv
 with the real flag names, check their inputs, log their argv, and write stand-in outputs. These tests pin
 the exact command lines Kiln runs and the configs it writes, and the errors a user sees.
 """
