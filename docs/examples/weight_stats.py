@@ -33,10 +33,7 @@ class WeightStats(Stage):
     runtimes = ()                  # the target runtimes it serves; () = every one
     tools = ("python", "safetensors", "torch")  # their versions enter the key
     resource = "light"             # "heavy": takes one of [tool.kiln].heavy_slots
-
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        return ["model"]  # node ids whose outputs `run` reads as ctx.inputs[...]
+    requires = ("model",)          # node ids whose outputs `run` reads as ctx.inputs[...]
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:

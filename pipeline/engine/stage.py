@@ -68,6 +68,8 @@ class Stage:
     Params: ClassVar[type[BaseModel]] = NoParams
     # Target runtimes (`recipes/targets/*.yaml`: runtime) the stage serves; empty = every one.
     runtimes: ClassVar[tuple[str, ...]] = ()
+    # Node ids whose outputs the stage reads, when they do not depend on the recipe (else: `inputs`).
+    requires: ClassVar[tuple[str, ...]] = ()
     tools: ClassVar[tuple[str, ...]] = ()
     resource: ClassVar[Literal["light", "heavy"]] = "light"
     # Top-level files of the output that stay out of the bundle: measurements of the machine that
@@ -97,7 +99,7 @@ class Stage:
     @classmethod
     def inputs(cls, recipe: Recipe, variant: str) -> list[str]:
         """Node ids (see `node_id`) of the stages whose outputs this one reads."""
-        return []
+        return list(cls.requires)
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str) -> dict[str, Any]:

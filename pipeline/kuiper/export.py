@@ -37,12 +37,9 @@ class KuiperExport(Stage):
     Params = NoParams
     tools = ("python", "numpy", "safetensors", "torch")
     resource = "heavy"
-
     runtimes = (RUNTIME,)
 
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        return ["model"]
+    requires = ("model",)
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:

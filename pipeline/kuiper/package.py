@@ -25,9 +25,7 @@ class KuiperPackage(ShipsTemplates, Stage):
 
     runtimes = (RUNTIME,)
 
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        return [EXPORT, VERIFY]
+    requires = (EXPORT, VERIFY)
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:

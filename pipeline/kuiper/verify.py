@@ -37,12 +37,9 @@ class KuiperVerify(Stage):
     Params = KuiperVerifyParams
     tools = ("python", "numpy", "torch", "transformers")
     resource = "heavy"
-
     runtimes = (RUNTIME,)
 
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        return ["model", EXPORT]
+    requires = ("model", EXPORT)
 
     @classmethod
     def ships(cls, recipe: Recipe, variant: str = "") -> str | None:

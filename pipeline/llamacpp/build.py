@@ -72,9 +72,7 @@ class LlamacppBuild(LlamacppStage):
     def variants(cls, recipe: Recipe) -> list[str]:
         return ["host", recipe.target.name]
 
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str) -> list[str]:
-        return [SOURCE]
+    requires = (SOURCE,)
 
     @classmethod
     def ships(cls, recipe: Recipe, variant: str) -> str | None:

@@ -21,9 +21,7 @@ class LlamacppConvert(LlamacppStage):
     Params = NoParams
     tools = ("python", "torch", "transformers", "numpy", "tokenizers", "sentencepiece")
 
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        return ["model", SOURCE]
+    requires = ("model", SOURCE)
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:

@@ -30,9 +30,7 @@ class LlamacppImatrix(LlamacppStage):
     def applies(cls, recipe: Recipe) -> bool:
         return recipe.scheme.gguf_imatrix
 
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        return [CONVERT, HOST_BUILD, "text"]
+    requires = (CONVERT, HOST_BUILD, "text")
 
     def run(self, ctx: StageContext) -> None:
         p = ctx.params

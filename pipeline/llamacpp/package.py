@@ -28,9 +28,7 @@ class LlamacppPackage(ShipsTemplates, LlamacppStage):
     def applies(cls, recipe: Recipe) -> bool:
         return bool(recipe.scheme.gguf_types)
 
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        return [REPORT]
+    requires = (REPORT,)
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pipeline.engine.templating import ShipsTemplates
 from pipeline.mnn.runtime import CONFIG, EXPORT, RUNTIME, MnnConfigParams
 
 if TYPE_CHECKING:
-    from pipeline.recipe.load import Recipe
+    pass
 
 
 class MnnConfig(ShipsTemplates, Stage):
@@ -31,9 +31,7 @@ class MnnConfig(ShipsTemplates, Stage):
 
     runtimes = (RUNTIME,)
 
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        return [EXPORT]
+    requires = (EXPORT,)
 
     def run(self, ctx: StageContext) -> None:
         from pipeline.mnn.runtime import host_config, loaded, render_config

@@ -112,9 +112,7 @@ class MnnExport(Stage):
     resource = "heavy"
     runtimes = (RUNTIME,)
 
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        return ["model"]
+    requires = ("model",)
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:

@@ -28,9 +28,7 @@ class MnnPackage(ShipsTemplates, Stage):
 
     runtimes = (RUNTIME,)
 
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        return [VERIFY]
+    requires = (VERIFY,)
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:

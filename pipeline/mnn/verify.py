@@ -48,12 +48,9 @@ class MnnVerify(Stage):
     unshipped = ("timings.json",)
     tools = ("python", "mnn", "torch", "transformers", "numpy")
     resource = "heavy"
-
     runtimes = (RUNTIME,)
 
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        return ["model", EXPORT]
+    requires = ("model", EXPORT)
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:

@@ -35,9 +35,7 @@ class QnnExport(GraphStage):
     def variants(cls, recipe: Recipe) -> list[str]:
         return [ar_variant(a) for a in dict.fromkeys(recipe.spec.ar_lengths)]
 
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str) -> list[str]:
-        return ["model", "text"]
+    requires = ("model", "text")
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str) -> dict[str, Any]:

@@ -59,9 +59,7 @@ class QnnGenieConfig(QnnStage):
     Params = QnnGenieConfigParams
     tools = ("python", "jinja2", "jsonschema", "onnxruntime-qnn")
 
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        return ["model"]
+    requires = ("model",)
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:

@@ -62,9 +62,7 @@ class QnnPackage(ShipsTemplates, QnnStage):
     per_recipe = True
     tools = ("python", "jinja2", "transformers")
 
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        return ["model", "text", COMPILE]
+    requires = ("model", "text", COMPILE)
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:

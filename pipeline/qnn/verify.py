@@ -56,9 +56,7 @@ class QnnVerify(QnnStage):
     tools = ("python", "torch", "transformers", "onnxruntime", "onnxruntime-qnn", "numpy")
     resource = "heavy"
 
-    @classmethod
-    def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        return ["model", "text", QUANTIZE, COMPILE]
+    requires = ("model", "text", QUANTIZE, COMPILE)
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:

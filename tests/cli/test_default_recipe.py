@@ -1,8 +1,8 @@
-"""The default recipe end to end on the real SmolLM2-135M-Instruct (slow).
+"""README command 1: the default recipe end to end on the real SmolLM2-135M-Instruct (slow).
 
-One sequence over one isolated project: a build killed with SIGKILL mid-stage
-leaves no entry; the rerun builds the bundle; a second run runs nothing; a
-rebuild from an empty store gives a byte-identical tarball.
+One sequence over one isolated project: a build killed with SIGKILL mid-stage leaves no entry;
+the rerun builds the MNN bundle and prints its path and MNN's answer; a second run runs nothing;
+a rebuild from an empty store gives a byte-identical tarball.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def wait_for(predicate, timeout: float) -> None:
 
 
 def test_default_recipe_end_to_end(default_project):
+    """README command 1's build: a quantized MNN bundle, checked in MNN's engine against float."""
     p = default_project
     store = Store(p.store)
     scratch = p.store / "scratch"
@@ -59,15 +60,25 @@ def test_default_recipe_end_to_end(default_project):
     assert list(store.keys()) == []
     assert len(list(scratch.iterdir())) == 1
 
-    # 2. the rerun takes over the dead lock and builds everything.
+    # 2. the rerun takes over the dead lock, builds everything, says where the bundle is and what
+    #    MNN's engine answered.
     out = p.doit().stdout
-    assert re.findall(r": built ", out) and f"kiln: {DEFAULT}:model: built" in out
+    assert set(re.findall(r"kiln: \S+:(\S+): built ", out)) == {
+        "model", "mnn.export", "mnn.config", "mnn.verify", "mnn.package", "bundle"}
     bundle = p.artifacts / DEFAULT / "bundle"
     tarball = bundle / f"{DEFAULT}.tar.gz"
-    assert f"bundle ready: {bundle / 'to_device'}" in out or "bundle ready:" in out
-    manifest = json.loads((bundle / "to_device" / "manifest.json").read_text())
-    weights = bundle / "to_device" / "model" / "model.safetensors"
-    assert manifest["files"]["model/model.safetensors"] == {"sha256": sha256(weights), "size": weights.stat().st_size}
+    shown = Settings.from_env().shown
+    assert f"kiln: bundle ready: {shown(bundle / 'to_device')} (tarball {shown(tarball)})" in out
+    answer = re.search(r"kiln: mnn\.verify: MNN's engine \(.+\) answers 'What is the capital of France\?': '(.+)'; "
+                       r"logits cosine vs float (0\.\d+)", out)
+    assert answer and "Paris" in answer.group(1) and float(answer.group(2)) >= 0.8
+    to_device = bundle / "to_device"
+    manifest = json.loads((to_device / "manifest.json").read_text())
+    for name in ("llm.mnn", "llm.mnn.weight", "tokenizer.mtok", "config.json", "llm_config.json", "run.sh"):
+        f = to_device / name
+        assert manifest["files"][name] == {"sha256": sha256(f), "size": f.stat().st_size}
+    verify = json.loads((to_device / "report" / "verify.json").read_text())
+    assert verify["matching_prefix"] >= 2 and verify["top1_agrees"]
     summary = json.loads((p.artifacts / DEFAULT / "model" / "summary.json").read_text())
     assert (summary["hidden_size"], summary["num_layers"], summary["num_heads"], summary["num_kv_heads"],
             summary["vocab_size"], summary["parameters"]) == (576, 30, 9, 3, 49152, 134515008)
@@ -85,7 +96,7 @@ def test_default_recipe_end_to_end(default_project):
     assert sha256(tarball) == first_tar
 
 
-def test_float_model_answers_like_the_seed(default_project):
+def test_float_model_answers_like_the_reference(default_project):
     """The model stage's HF checkpoint is the real SmolLM2: greedy chat answer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
