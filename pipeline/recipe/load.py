@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from pipeline.engine.errors import RecipeError, did_you_mean
 from pipeline.engine.settings import Settings
-from pipeline.recipe.schema import ModelSpec, SchemeSpec, TargetSpec, TextSpec
+from pipeline.recipe.schema import ALIAS_PATTERN, ModelSpec, SchemeSpec, TargetSpec, TextSpec
 from pipeline.recipe.yamlpos import FieldPath, Location, deep_merge, format_path, load_located
 
 if TYPE_CHECKING:
@@ -158,7 +158,8 @@ def target_names(folder: Path, settings: Settings) -> dict[str, list[str]]:
             continue
         soc = doc.get("soc") if isinstance(doc.get("soc"), dict) else {}
         aliases = doc.get("aliases") if isinstance(doc.get("aliases"), list) else []
-        words = [w for w in [*aliases, soc.get("name"), soc.get("chip"), soc.get("dsp_arch")] if isinstance(w, str)]
+        words = [w for w in [*aliases, soc.get("name"), soc.get("chip"), soc.get("dsp_arch")]
+                 if isinstance(w, str) and re.fullmatch(ALIAS_PATTERN, w)]  # a bad one fails validation, unlisted
         names[name] = list(dict.fromkeys(w for w in words if normal_name(w) and normal_name(w) != normal_name(name)))
     return names
 

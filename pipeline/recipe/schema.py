@@ -13,6 +13,8 @@ from pydantic import Field, StringConstraints, model_validator
 
 from pipeline.engine.stage import Strict
 
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$"  # another name of a target: words, not markup or shell
+
 
 class ModelSpec(Strict):
     """Where the weights come from: exactly one of embedded / hf_dir / hub_id / gguf."""
@@ -73,8 +75,8 @@ class TargetSpec(Strict):
 
     name: str = Field(description="The target's file name (set by Kiln).")
     description: str = Field("", description="One line about the device.")
-    aliases: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")]] = Field(
-        default_factory=list,
+    aliases: list[Annotated[str, StringConstraints(pattern=ALIAS_PATTERN)]] = Field(
+        default_factory=list, exclude=True,  # names to find the target by: they change no output, so no key
         description="Other names a recipe may use for the target (marketing names such as `8-elite` or `gen4`); the SoC's "
                     "part number, chip name and HTP arch (`v79`) count too. Matched ignoring case, spaces, `-` and `_`; "
                     "a name that fits several targets is refused with the candidates.")

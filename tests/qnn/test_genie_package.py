@@ -19,7 +19,8 @@ LIBS = ["genie-t2t-run", "libGenie.so", "libQnnHtp.so", "libQnnHtpNetRunExtensio
         "libQnnHtpV79Stub.so", "libQnnSystem.so"]
 
 
-def test_bundle_is_the_seed_layout_and_sdk_libraries_come_from_qnn_sdk_root(tiny_htp_project, tmp_path):
+@pytest.mark.slow  # 40 s: the whole Qualcomm path on the tiny model, twice (ort-qnn, then the qairt doubles)
+def test_bundle_is_the_genie_layout_and_sdk_libraries_come_from_qnn_sdk_root(tiny_htp_project, tmp_path):
     tiny_htp_project.write("tq.yaml", RECIPE)
     tiny_htp_project.doit("recipe=tq", "tq:bundle")
     to_device = tiny_htp_project.artifacts / "tq" / "bundle" / "to_device"

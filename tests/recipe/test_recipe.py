@@ -1,6 +1,8 @@
 """Recipe loading: extends, references, and errors that name file, line and field."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from pipeline.engine.errors import RecipeError
@@ -198,3 +200,12 @@ def test_doit_and_list_say_which_target_an_alias_named(project, monkeypatch):
     line = next(line for line in listing.splitlines() if line.strip().startswith("sm8750 "))
     assert "8-elite" in line and "gen4" in line and "v79" in line
     assert "rockchip*" in next(line for line in listing.splitlines() if line.strip().startswith("rk3568 "))
+
+
+def test_a_malformed_alias_is_refused_with_its_line(project, monkeypatch):
+    (project.recipes / "targets" / "board.yaml").write_text(
+        "description: a board\naliases: [ok-name, \"x; touch /tmp/pwned\"]\nruntime: llama.cpp\ncpu: {arch: aarch64}\n")
+    project.write("r.yaml", BASE.replace("target: x86_64", "target: board"))
+    msg = error_of(project, monkeypatch)
+    assert re.search(r"targets/board\.yaml:2: target\.aliases\[1\]: String should match pattern .*, "
+                     r"got .x; touch /tmp/pwned.$", msg), msg
