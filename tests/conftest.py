@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 
 from pipeline import ROOT
 from pipeline.engine.settings import Settings
+from tests.tiny_models import save_tiny_llama
 
 
 @dataclass
@@ -86,22 +88,7 @@ def project(tmp_path: Path) -> Project:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random Llama (seed 0) with a word-level tokenizer, as a HF dir."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("tiny_llama")
-    words = ["<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(125)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(out)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=0, eos_token_id=1, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="session")
@@ -193,3 +180,11 @@ def tiny_htp_recipe(stages: dict[str, str] | None = None, *, scheme: str = "w8a1
     return (f"extends: tiny\ntarget: {target}\ncontext_length: 64\nar_lengths: [16, 1]\n"
             f"scheme: {{use: {scheme}, algorithm: {algorithm}{extra}}}\nstages:\n"
             + "".join(f"  {name}: {value}\n" for name, value in lines.items()))
+
+
+def wait_for(predicate: Any, timeout: float) -> None:
+    """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
+    end = time.time() + timeout
+    while not predicate():
+        assert time.time() < end, "timed out"
+        time.sleep(0.1)

@@ -29,6 +29,8 @@ def load_or_exit(name: str, settings: Settings) -> tuple[Recipe, list[StageSpec]
     except KilnError as e:
         print(f"kiln: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
     for note in recipe.notes:
         say(note)
     return recipe, specs
@@ -40,6 +42,10 @@ def _action(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> Any:
             build(spec, settings)
         except KilnError as e:
             return TaskFailed(str(e))
+        except KeyboardInterrupt:
+            print(f"\nkiln: interrupted {spec.task_name}: nothing of it was published, its lock is released; "
+                  f"run the same command again to resume", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
         if spec.stage == "bundle":
             tar = spec.workspace / f"{spec.recipe}.tar.gz"
             say(f"bundle ready: {settings.shown(spec.workspace / 'to_device')} (tarball {settings.shown(tar)})")

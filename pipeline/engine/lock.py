@@ -1,8 +1,10 @@
 """A lock file that works across processes and across hosts sharing a directory.
 
 `fcntl`/`flock` locks are unreliable on NFS, so the lock is the existence of a
-file created with O_CREAT|O_EXCL (atomic on NFSv3+). It holds the owner (host,
-pid, token); a heartbeat thread bumps its mtime. A waiter takes over a lock
+file. It is written whole under a temporary name, then `link(2)`ed into place
+(atomic on NFS too, and unlike `rename` it fails when a lock is there), so a lock
+file is never seen half-written — not even after a full disk. It holds the owner
+(host, pid, token); a heartbeat thread bumps its mtime. A waiter takes over a lock
 whose owner is a dead process on this host, or whose heartbeat is older than
 `stale_after` seconds (another host that crashed), by renaming it aside —
 rename is atomic, so only one waiter wins the takeover.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -18,7 +21,10 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-HOST = socket.gethostname()
+# Who holds a lock. KILN_HOST_ID stands in for the host name where one machine plays several
+# (tests, containers sharing a hostname); KILN_LOCK_STALE_AFTER shortens the heartbeat window.
+HOST = re.sub(r"[^A-Za-z0-9._-]", "-", os.environ.get("KILN_HOST_ID") or socket.gethostname())[:64]
+STALE_AFTER = float(os.environ.get("KILN_LOCK_STALE_AFTER") or 60.0)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -32,10 +38,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 class FileLock:
-    def __init__(self, path: Path, heartbeat: float = 5.0, stale_after: float = 60.0):
+    def __init__(self, path: Path, heartbeat: float | None = None, stale_after: float | None = None):
         self.path = path
-        self.heartbeat = heartbeat
-        self.stale_after = stale_after
+        self.stale_after = STALE_AFTER if stale_after is None else stale_after
+        self.heartbeat = min(5.0, self.stale_after / 4) if heartbeat is None else heartbeat
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -48,14 +54,18 @@ class FileLock:
 
     def try_acquire(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = json.dumps({"host": HOST, "pid": os.getpid(), "token": self.token, "since": time.time()})
+        tmp = self.path.with_name(f".{self.path.name}.{self.token}.tmp")
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with open(tmp, "x") as f:  # a full disk fails here, before any lock file exists
+                f.write(record)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, self.path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({"host": HOST, "pid": os.getpid(), "token": self.token, "since": time.time()}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        finally:
+            tmp.unlink(missing_ok=True)
         self._stop.clear()
         self._thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat:{self.path.name}")
         self._thread.start()

@@ -11,21 +11,42 @@ from pipeline.engine.errors import KilnError
 
 
 def run_tool(argv: list[str | Path], *, env: dict[str, str] | None = None, cwd: Path | None = None,
-             capture: bool = False, timeout: float | None = None) -> subprocess.CompletedProcess:
-    """Run a tool (never through a shell). Its output streams into the stage log unless captured.
+             capture: bool = False, echo: bool = False, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """Run a tool (never through a shell). Its output streams into the stage log unless captured;
+    `echo` does both (stdout and stderr merged into `.stdout`), for long tools whose own progress
+    the user should see while their output is parsed afterwards.
 
     A non-zero exit raises KilnError naming the tool and, when captured, the end of its output.
     """
     args = [str(a) for a in argv]
     print("$ " + shlex.join(args), flush=True)  # for the log only; never executed as a string
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run(args, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL, timeout=timeout,
-                          stdout=subprocess.PIPE if capture else sys.stdout,
-                          stderr=subprocess.PIPE if capture else subprocess.STDOUT, text=True)
+    if capture and echo:
+        if timeout is not None:
+            raise ValueError("run_tool: echo takes no timeout (the output is read until the tool closes it)")
+        proc = _echoed(args, full_env, cwd)
+    else:
+        proc = subprocess.run(args, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL, timeout=timeout,
+                              stdout=subprocess.PIPE if capture else sys.stdout,
+                              stderr=subprocess.PIPE if capture else subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         tail = "" if not capture else "\n" + "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise KilnError(f"{Path(args[0]).name} exited with {proc.returncode}{tail}")
     return proc
+
+
+def _echoed(args: list[str], env: dict[str, str], cwd: Path | None) -> subprocess.CompletedProcess:
+    """Run `args`, copying its merged output to ours as it comes and keeping it."""
+    kept = bytearray()
+    with subprocess.Popen(args, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as proc:
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read1(65536):
+            kept += chunk
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+        rc = proc.wait()
+    return subprocess.CompletedProcess(args, rc, stdout=kept.decode(errors="replace"), stderr="")
 
 
 def threads() -> str:

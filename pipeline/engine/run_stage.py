@@ -5,10 +5,14 @@ into the job's `out` directory. The parent (runner.py) publishes the result.
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from pipeline.engine.errors import KilnError
@@ -25,7 +29,40 @@ def stage_entry(entry: str) -> type[Stage]:
     return cls
 
 
+PR_SET_PDEATHSIG = 1
+RUNNER_PID_ENV = "KILN_RUNNER_PID"
+
+
+def die_with_the_runner() -> None:
+    """The stage (its own process group, tools included) must not outlive the builder that holds
+    its lock: a kill -9 of `doit` would otherwise leave a 20 GB export running beside the next
+    one. The kernel signals us when the runner dies (Linux parent-death signal), and a watchdog
+    thread checks too (a Python signal handler waits for a long C call to return)."""
+    runner = int(os.environ.get(RUNNER_PID_ENV, "0"))
+    if not runner:
+        return
+
+    def kill_group(*_: object) -> None:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, kill_group)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the watchdog alone
+
+    def watchdog() -> None:
+        while os.getppid() == runner:
+            threading.Event().wait(0.5)
+        kill_group()
+
+    if os.getppid() != runner:
+        kill_group()
+    threading.Thread(target=watchdog, daemon=True, name="runner-watchdog").start()
+
+
 def main(job_file: str) -> int:
+    die_with_the_runner()
     job = json.loads(Path(job_file).read_text())
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     ctx = StageContext(

@@ -34,9 +34,10 @@ def stage_name(node: str) -> str:
 
 
 class Strict(BaseModel):
-    """Base of every schema a recipe fills: unknown keys refused, values frozen once validated."""
+    """Base of every schema a recipe fills: unknown keys refused, types strict (no "2048" → 2048,
+    no true → 1), values frozen once validated."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class NoParams(Strict):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import stat
 import time
 import uuid
@@ -23,7 +22,7 @@ from typing import Any
 
 from pipeline.engine.errors import KilnError
 from pipeline.engine.hashing import hash_file_bytes
-from pipeline.engine.lock import FileLock
+from pipeline.engine.lock import HOST, FileLock
 
 # What a published entry holds: the stage's output, the runner's log, and meta.json (added at publish).
 ENTRY_FILES = frozenset({"out", "log.txt"})
@@ -67,12 +66,31 @@ def remove_tree(root: Path) -> None:
         shutil.rmtree(root)
 
 
+def stat_signature(path: Path) -> list[int]:
+    """What changes when a file's bytes do, without reading them: size, mtime_ns, inode. (Not ctime:
+    linking the file into a workspace and making it read-only change that on a good entry.)"""
+    st = path.lstat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
 def file_manifest(out: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {size, blake3}} of every file under `out`."""
     return {
         p.relative_to(out).as_posix(): {"size": p.stat().st_size, "blake3": hash_file_bytes(p)}
         for p in sorted(out.rglob("*")) if p.is_file() and not p.is_symlink()
     }
+
+
+def differs_from_manifest(out: Path, skip: tuple[str, ...] = ()) -> list[str]:
+    """Files of an entry's `out/` (top-level names in `skip` left out) whose bytes are not what
+    its meta.json recorded at publish: re-read and hashed, for what leaves the store (bundles)."""
+    recorded = json.loads((out.parent / "meta.json").read_text())["files"]
+    top = {rel.split("/", 1)[0] for rel in recorded}
+    present = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.is_symlink()}
+    wanted = {rel for rel in recorded if rel.split("/", 1)[0] not in skip}
+    extra = {rel for rel in present - set(recorded) if rel.split("/", 1)[0] in top - set(skip)}
+    bad = [rel for rel in sorted(wanted) if rel not in present or hash_file_bytes(out / rel) != recorded[rel]["blake3"]]
+    return bad + sorted(extra)
 
 
 class Store:
@@ -95,7 +113,7 @@ class Store:
         return FileLock(self.root / "locks" / f"{key}.lock")
 
     def new_scratch(self, key: str) -> Path:
-        scratch = self.root / "scratch" / f"{key}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        scratch = self.root / "scratch" / f"{key}.{HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         (scratch / "out").mkdir(parents=True)
         (scratch / "tmp").mkdir()
         return scratch
@@ -112,7 +130,9 @@ class Store:
         if stray:
             raise KilnError(f"{key[:16]}…: the stage wrote {', '.join(stray)} beside its output dir; "
                             f"outputs go to ctx.out, scratch files to ctx.tmp (nothing was published)")
-        meta = {**meta, "key": key, "files": file_manifest(scratch / "out")}
+        out = scratch / "out"
+        files = file_manifest(out)
+        meta = {**meta, "key": key, "files": files, "stat": {rel: stat_signature(out / rel) for rel in files}}
         (scratch / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         _fsync_tree(scratch)
         _set_read_only(scratch)
@@ -132,6 +152,22 @@ class Store:
         finally:
             os.close(fd)
         return True
+
+    def tampered(self, key: str) -> list[str]:
+        """Files of the entry whose size, mtime or inode moved since publish (edited through a
+        workspace hard link, truncated, replaced); cheap: one lstat a file, no reading."""
+        recorded = self.meta(key).get("stat")
+        if recorded is None:  # published before signatures were recorded: `doit verify` rehashes it
+            return []
+        out = self.out(key)
+        changed = []
+        for rel, signature in recorded.items():
+            try:
+                if stat_signature(out / rel) != signature:
+                    changed.append(rel)
+            except OSError:
+                changed.append(rel)
+        return changed
 
     def touch(self, key: str) -> None:
         """Record a use (gc keeps recently used entries)."""

@@ -22,9 +22,20 @@ def environment(root: Path = TEMPLATES) -> SandboxedEnvironment:
 
     env = SandboxedEnvironment(loader=FileSystemLoader(str(root)), undefined=StrictUndefined,
                                keep_trailing_newline=True, autoescape=False)
-    # Recipe values rendered into shell scripts (run.sh) go through `| shquote`: one word, never code.
+    # Recipe values rendered into shell scripts (run.sh) go through `| shquote`: one word, never code;
+    # into CMake files through `| cmake_quote`; into JSON through `| tojson`.
     env.filters["shquote"] = shlex.quote
+    env.filters["cmake_quote"] = cmake_quote
     return env
+
+
+def cmake_quote(value: object) -> str:
+    """A CMake quoted argument holding exactly `value`: no variable reference, no list split, no
+    generator expression, no end of the call."""
+    text = str(value)
+    for char, escaped in (("\\", "\\\\"), ('"', '\\"'), ("$", "\\$"), (";", "\\;"), ("\n", "\\n"), ("\r", "\\r")):
+        text = text.replace(char, escaped)
+    return f'"{text}"'
 
 
 def render(template: str, **values: Any) -> str:

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
+from pipeline.engine.errors import KilnError
 from pipeline.engine.materialize import link_tree
 from pipeline.engine.stage import Stage, StageContext, Strict, node_id, recipe_nodes, stage_name
+from pipeline.engine.store import differs_from_manifest
 from pipeline.engine.templating import TEMPLATES
 
 if TYPE_CHECKING:
@@ -78,6 +80,10 @@ class Bundle(Stage):
         to_device = ctx.out / "to_device"
         to_device.mkdir()
         for stage, src in sorted(ctx.inputs.items()):
+            # what ships must be what the entry's manifest says, whatever happened to the store since
+            if bad := differs_from_manifest(src, tuple(p["unshipped"][stage])):
+                raise KilnError(f"bundle: {stage}'s entry does not match its manifest ({', '.join(bad[:5])}); "
+                                "run `doit verify` (quarantines it), then build again")
             place = p["places"][stage]
             method = link_tree(src, to_device / place, ("reflink", "hardlink", "copy"), tuple(p["unshipped"][stage]))
             ctx.log.info(f"adding {stage} as {place}/ ({method})")

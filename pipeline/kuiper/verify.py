@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from pipeline.engine.errors import KilnError
+from pipeline.engine.fields import Prompt
 from pipeline.engine.stage import Stage, StageContext, Strict
 from pipeline.kuiper.common import EXPORT, MODEL_FILE, RUNTIME, VERIFY
 
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 
 class KuiperVerifyParams(Strict):
-    prompt: str = Field("The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is",
+    prompt: Prompt = Field("The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is",
                         description="Text run through both (BOS added as the model's tokenizer does).")
     max_abs_diff: float = Field(2e-3, gt=0, description="Layout check: most |Δlogit| between the reader and HF "
                                 "with the same group-quantized weights (float32 both; differences are rounding).")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from pipeline.engine.errors import KilnError
+from pipeline.engine.fields import CmakeDefine, Token
 from pipeline.engine.proc import run_tool
 from pipeline.engine.stage import StageContext, Strict
 from pipeline.engine.templating import TEMPLATES
@@ -33,15 +34,15 @@ HOST_X86_FEATURES = ["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML
 
 
 class BuildParams(Strict):
-    device_tools: list[str] = Field(
+    device_tools: list[Token] = Field(
         ["llama-cli", "llama-completion", "llama-bench", "llama-perplexity"],
         description="Targets of the static cross-build shipped in the bundle (`llama-cli` also builds the server, +4 min cold).",
     )
-    host_tools: list[str] = Field(
+    host_tools: list[Token] = Field(
         ["llama-quantize", "llama-perplexity", "llama-imatrix"], description="Targets built for this host."
     )
-    build_type: str = Field("Release", description="CMAKE_BUILD_TYPE.")
-    cmake_args: list[str] = Field([], description="Extra -D options for both builds.")
+    build_type: Token = Field("Release", description="CMAKE_BUILD_TYPE.")
+    cmake_args: list[CmakeDefine] = Field([], description="Extra -D options for both builds.")
 
 
 def cmake_flags(static: bool, march: str, tools: list[str], build_type: str, extra: list[str], x86: bool) -> list[str]:

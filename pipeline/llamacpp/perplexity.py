@@ -67,9 +67,8 @@ class LlamacppPerplexity(LlamacppStage):
         model_node = next(n for n in ctx.inputs if n.startswith((CONVERT, QUANTIZE)))
         model = gguf_in(ctx.inputs[model_node])
         out = run_tool([host_tool(ctx, "llama-perplexity"), "-m", model, "-f", ctx.inputs["text"] / "evaluation.txt",
-                        "-c", p["ctx_size"], "--chunks", p["chunks"], "-t", threads()], capture=True)
-        print(out.stderr[-3000:] + out.stdout[-2000:])
-        ppl, err = parse_ppl(out.stdout + out.stderr)
+                        "-c", p["ctx_size"], "--chunks", p["chunks"], "-t", threads()], capture=True, echo=True)
+        ppl, err = parse_ppl(out.stdout)  # llama-perplexity's own progress (ETA, [n]ppl per window) went to the log
         result = {"variant": ctx.variant, "type": p["type"], "file": model.name, "size_bytes": model.stat().st_size,
                   "ppl": ppl, "ppl_err": err, "ctx_size": p["ctx_size"], "chunks": p["chunks"]}
         (ctx.out / "perplexity.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

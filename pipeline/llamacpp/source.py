@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from pipeline.engine.errors import KilnError
+from pipeline.engine.fields import LocalPath
 from pipeline.engine.stage import StageContext, Strict
 from pipeline.generic.downloads import LLAMA_CPP_SDIST
 from pipeline.llamacpp.common import SOURCE, SOURCE_INFO, LlamacppStage
@@ -27,7 +28,7 @@ VENDORED = "vendor/llama.cpp/"
 
 
 class SourceParams(Strict):
-    tree: str | None = Field(None, description="A llama.cpp checkout to build instead of the vendored tree "
+    tree: LocalPath | None = Field(None, description="A llama.cpp checkout to build instead of the vendored tree "
                                                "of llama-cpp-python 0.3.36 (build 0c1e570).")
 
 

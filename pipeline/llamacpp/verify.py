@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from pipeline.engine.errors import KilnError
+from pipeline.engine.fields import Prompt
 from pipeline.engine.proc import run_tool, threads
 from pipeline.engine.stage import StageContext, Strict
 from pipeline.llamacpp.common import BUILD, QUANTIZE, VERIFY, PerQuantType, device_build, gguf_in, quant_node, verify_params
@@ -21,7 +22,7 @@ SEED_PROMPT = "I believe the meaning of life is"
 
 
 class VerifyParams(Strict):
-    prompt: str = Field(SEED_PROMPT, description="Prompt of the greedy completion check.")
+    prompt: Prompt = Field(SEED_PROMPT, description="Prompt of the greedy completion check.")
     n_predict: int = Field(32, ge=1, description="Tokens to generate (-n).")
     bench_prompt: int = Field(16, ge=0, description="llama-bench -p (prompt tokens).")
     bench_gen: int = Field(16, ge=0, description="llama-bench -n (generated tokens).")
@@ -55,6 +56,7 @@ class LlamacppVerify(PerQuantType):
         model = gguf_in(next(v for k, v in ctx.inputs.items() if k.startswith(QUANTIZE)))
         bin_dir = next(v for k, v in ctx.inputs.items() if k.startswith(BUILD)) / "bin"
         prefix = emulator(p["qemu_cpu"]) if p["arch"] == "aarch64" else []
+        ctx.log.info(f"llama-completion: {p['n_predict']} tokens{' under qemu (emulated: ~1-2 tokens/s)' if prefix else ''}")
         done = run_tool([*prefix, bin_dir / "llama-completion", "-m", model, "-p", p["prompt"], "-n", p["n_predict"],
                          "--temp", "0", "-s", "0", "-t", threads(), "-no-cnv"], capture=True, timeout=1800)
         text = done.stdout

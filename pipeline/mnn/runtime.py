@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from pipeline.engine.errors import KilnError, RecipeError
+from pipeline.engine.fields import DeviceDir
 from pipeline.engine.stage import Strict
 from pipeline.engine.templating import render
 
@@ -61,7 +62,8 @@ class MnnConfigParams(Strict):
                                               "3 both, 4 both plus int8 queries and an int8 Q·K.")
     use_mmap: bool = Field(False, description="mmap the weights (spill to tmp_path under memory pressure; phones: true).")
     kvcache_mmap: bool = Field(False, description="mmap the KV cache (spill to tmp_path).")
-    tmp_path: str = Field("", description="Directory on the device for mmap files; required with use_mmap or kvcache_mmap.")
+    tmp_path: DeviceDir | Literal[""] = Field(
+        "", description="Directory on the device for mmap files; required with use_mmap or kvcache_mmap.")
     sampler: MnnSampler = Field(default_factory=MnnSampler, description="Sampling settings.")
 
     @model_validator(mode="after")

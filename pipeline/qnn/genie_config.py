@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
+from pipeline.engine.fields import Token
 from pipeline.engine.stage import StageContext, Strict
 from pipeline.qnn.common import GENIE_CONFIG, QnnStage, genie_params, genie_sources
 
@@ -38,7 +39,7 @@ class Core(Strict):
 
 
 class QnnGenieConfigParams(Strict):
-    sdk: str = Field("2.51", description="QAIRT SDK whose Genie config schema to render for (a folder of templates/genie/).")
+    sdk: Token = Field("2.51", description="QAIRT SDK whose Genie config schema to render for (a folder of templates/genie/).")
     sampler: Sampler = Field(default_factory=Sampler, description="Genie's sampler.")
     n_threads: int = Field(3, ge=1, description="CPU threads Genie uses (engine.n-threads).")
     cpu_mask: str = Field("0xe0", pattern=r"^0x[0-9a-fA-F]+$", description="CPU affinity mask of those threads.")

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from pipeline.engine.errors import KilnError
+from pipeline.engine.fields import DeviceDir, Prompt
 from pipeline.engine.materialize import link_or_copy
 from pipeline.engine.stage import StageContext, Strict
 from pipeline.engine.templating import ShipsTemplates
@@ -36,8 +37,8 @@ DEVICE_DIR = "/data/local/tmp/{recipe}"
 class QnnPackageParams(Strict):
     prompt_tokens: list[int] = Field([1024, 4096], description="Long-prompt files to write, by exact token count "
                                      "(Qualcomm's Genie walkthrough profiles 1024 and 4096).")
-    prompt: str = Field("The capital of France is", description="The prompt run.sh's chat answers (prompt.txt).")
-    device_dir: str = Field("", description="Folder on the phone (default /data/local/tmp/<recipe>).")
+    prompt: Prompt = Field("The capital of France is", description="The prompt run.sh's chat answers (prompt.txt).")
+    device_dir: DeviceDir | None = Field(None, description="Folder on the phone (default /data/local/tmp/<recipe>).")
 
 
 def sdk_libraries(dsp_arch: str) -> dict[str, str]:

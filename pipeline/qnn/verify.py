@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from pipeline.engine.errors import KilnError
+from pipeline.engine.fields import Prompt
 from pipeline.engine.materialize import link_or_copy
 from pipeline.engine.stage import StageContext, Strict
 from pipeline.qnn.common import COMPILE, QUANTIZE, QnnStage, genie_params, genie_sources, soc_params
@@ -40,7 +41,7 @@ class QnnVerifyParams(Strict):
     min_cosine: float = Field(0.98, ge=-1, le=1, description="Fail below this mean cosine of simulator and CPU QDQ logits.")
     max_top1_drop: float = Field(0.1, ge=0, le=1, description="Fail when the simulator's top-1 agreement with the float "
                                  "model is this much below the CPU QDQ graph's own (the quantization's share).")
-    prompts: list[str] = Field(["The capital of France is"], description="Prompts the Genie dialog answers (raw text, "
+    prompts: list[Prompt] = Field(["The capital of France is"], description="Prompts the Genie dialog answers (raw text, "
                                "no chat template: compared with the float model's greedy answer).")
     max_new_tokens: int = Field(3, ge=1, description="Tokens Genie generates per prompt.")
     match_tokens: int = Field(2, ge=1, description="Fail unless Genie's answer starts with the float answer's first N tokens.")

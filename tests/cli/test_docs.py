@@ -89,3 +89,10 @@ def test_the_adding_a_stage_example_plans_builds_and_rekeys(tiny_project, monkey
     tiny_project.write("ex.yaml", "extends: tiny\nstages:\n  example.weight_stats: {top: 3}\n")
     again = {s.stage: s.key for s in plan(load_recipe("ex", settings, (*all_stages(), WeightStats)))}
     assert again["model"] == specs["model"].key and again["example.weight_stats"] != specs["example.weight_stats"].key
+
+
+def test_files_the_docs_name_exist():
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    named = {p for page in pages for p in re.findall(
+        r"(?:pipeline|tests|bench|templates|recipes)/[\w./-]*\w", page.read_text()) if "<" not in p}
+    assert named and sorted(p for p in named if not (ROOT / p).exists()) == []

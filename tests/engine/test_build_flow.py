@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import tarfile
+from pathlib import Path
 
+import pytest
 from conftest import fake_hf_cache
 
-from pipeline.engine.store import Store
+from pipeline.engine.store import Store, remove_tree
 
 
 def built(out: str) -> list[str]:
@@ -141,3 +144,68 @@ def test_verify_quarantine_then_rebuild_relinks_the_workspace(tiny_project):
     out = tiny_project.doit("recipe=tiny").stdout
     assert "model" in built(out)
     assert ws_file.read_text() == good
+
+
+def test_run_tool_echo_shows_a_long_tools_output_as_it_comes_and_keeps_it(capfd):
+    from pipeline.engine.proc import run_tool
+
+    script = "import sys, time; print('[1]12.5,', end='', flush=True); time.sleep(0.2); sys.stderr.write('ETA 0.1 min\\n')"
+    done = run_tool([sys.executable, "-c", script], capture=True, echo=True)
+    assert done.stdout == "[1]12.5,ETA 0.1 min\n"
+    assert capfd.readouterr().out.endswith("[1]12.5,ETA 0.1 min\n")
+
+
+@pytest.mark.parametrize("edit", ["append", "truncate", "replace_same_size"])
+def test_an_edited_workspace_file_is_noticed_quarantined_and_rebuilt(tiny_project, edit):
+    """Workspace files are hard links into the store. An edit through one changes the entry: the
+    next build must notice it without rehashing (size, mtime, inode), quarantine the entry, build
+    again, and ship only bytes the manifest vouches for — the same tarball as a clean build."""
+    import os
+
+    tiny_project.doit("recipe=tiny")
+    tarball = tiny_project.artifacts / "tiny" / "bundle" / "tiny.tar.gz"
+    clean = tarball.read_bytes()
+    ws_file = tiny_project.artifacts / "tiny" / "model" / "config.json"
+    assert os.stat(ws_file).st_nlink > 1  # a hard link into the entry
+    good = ws_file.read_bytes()
+    ws_file.chmod(0o644)
+    if edit == "append":
+        with open(ws_file, "ab") as f:
+            f.write(b"\n")
+    elif edit == "truncate":
+        os.truncate(ws_file, 10)
+    else:  # same size, mtime put back: only the inode of a replacement can tell
+        st = os.stat(ws_file)
+        replacement = ws_file.with_name("config.json.new")
+        replacement.write_bytes(good.replace(b"{", b"[", 1))
+        os.utime(replacement, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(replacement, ws_file)
+    entry = json.loads((ws_file.parent / ".kiln-entry.json").read_text())["entry"]
+    out = tiny_project.doit("recipe=tiny").stdout
+    if edit == "replace_same_size":  # the entry is intact (the link was broken, not written through)
+        assert "model: hit" in out and "model" not in built(out)
+    else:
+        assert re.search(r"tiny:model: config\.json changed since the entry was published .*entry moved to "
+                         r".*quarantine", out)
+        assert "model" in built(out) and (tiny_project.store / "quarantine" / Path(entry).name).is_dir()
+    assert ws_file.read_bytes() == good and tarball.read_bytes() == clean
+    assert ": built" not in tiny_project.doit("recipe=tiny").stdout  # and then it is quiet again
+
+
+def test_a_bundle_refuses_to_pack_bytes_its_inputs_manifest_does_not_vouch_for(tiny_project):
+    """Even if an input entry changed in a way its stat signature cannot show, the bundle rehashes
+    what it packs against the manifest and fails rather than ship it."""
+    import os
+
+    tiny_project.doit("recipe=tiny")
+    entry_file = next(tiny_project.store.glob("entries/*/*/out/config.json"))
+    st = os.stat(entry_file)
+    entry_file.chmod(0o644)
+    data = entry_file.read_bytes()
+    with open(entry_file, "r+b") as f:  # same size, same inode, mtime put back: only the bytes tell
+        f.write(data[:1].swapcase() if data[:1].isalpha() else b" ")
+    os.utime(entry_file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    bundle_entry = json.loads((tiny_project.artifacts / "tiny" / "bundle" / ".kiln-entry.json").read_text())["entry"]
+    remove_tree(Path(bundle_entry))  # force the bundle to be packed again
+    proc = tiny_project.doit("recipe=tiny", check=False)
+    assert proc.returncode != 0 and "bundle: model's entry does not match its manifest (config.json)" in proc.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -184,6 +185,8 @@ def test_gc_keeps_needed_entries_and_applies_age_and_budget(tiny_project, monkey
     os.utime(store.entry(old_key), (long_ago, long_ago))
     os.utime(store.entry(next(iter(needed))), (long_ago, long_ago))  # old but needed: kept
 
+    two_hours_ago = time.time() - 7200  # past gc's grace period
+    os.utime(store.entry(new_key), (two_hours_ago, two_hours_ago))
     assert gc(settings, tiny_project.store, 30, None, dry_run=True) == [old_key] and store.has(old_key)
     assert gc(settings, tiny_project.store, 30, None) == [old_key]
     assert set(store.keys()) == needed | {new_key}
@@ -235,6 +238,8 @@ def test_doit_gc_and_python_m_pipeline_gc_agree(tiny_project, monkeypatch):
     tiny_project.doit("recipe=tiny")
     old = "01" * 32
     publish_one(Store(tiny_project.store), old)
+    two_hours_ago = time.time() - 7200  # past gc's grace period
+    os.utime(Store(tiny_project.store).entry(old), (two_hours_ago, two_hours_ago))
     for argv in ([sys.executable, "-m", "pipeline", "gc", "--dry-run"],
                  [sys.executable, "-m", "doit", "-f", "dodo.py", "recipe=tiny", "gc", "--dry-run"]):
         proc = subprocess.run(argv, env=tiny_project.env(), capture_output=True, text=True, cwd=ROOT)
@@ -254,3 +259,28 @@ def test_doit_gc_and_python_m_pipeline_gc_agree(tiny_project, monkeypatch):
     again = subprocess.run([sys.executable, "-m", "doit", "-f", "dodo.py", "recipe=tiny", "gc"], env=tiny_project.env(),
                            capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and "removed" not in again.stdout
+
+
+def test_gc_spares_fresh_and_locked_entries_and_counts_hard_links_once(tiny_project, monkeypatch, capsys):
+    """Another checkout may be using an entry it just built (grace period) or rebuilding one (live
+    lock); entries sharing hard-linked files free their bytes only once the last one goes."""
+    settings = tiny_project.settings(monkeypatch)
+    store = Store(tiny_project.store)
+    fresh, locked, a, b = "03" * 32, "04" * 32, "05" * 32, "06" * 32
+    for key in (fresh, locked, a):
+        publish_one(store, key, b"x" * 1_000_000)
+    scratch = store.new_scratch(b)  # b's only file is a hard link of a's: 1 MB on disk for both
+    os.link(store.out(a) / "sub" / "f.bin", scratch / "out" / "f.bin")
+    store.publish(scratch, b, {})
+    long_ago = time.time() - 90 * 86400
+    for key in (locked, a, b):
+        os.utime(store.entry(key), (long_ago, long_ago))
+    lock = store.lock(locked)
+    assert lock.try_acquire()
+    try:
+        removed = gc(settings, tiny_project.store, 30, budget_gb=0.0)
+    finally:
+        lock.release()
+    assert sorted(removed) == sorted([a, b]) and store.has(fresh) and store.has(locked)
+    freed = sorted(re.findall(r"\(([\d.]+) MB freed", capsys.readouterr().out))
+    assert freed == ["0.0", "1.0"]  # the shared inode's megabyte, counted once
