@@ -109,7 +109,7 @@ def main() -> None:
             if rng.random() < 0.6:
                 store.remove(key)
         proc = doit(env)
-        time.sleep(rng.uniform(0.0, 6.0))
+        time.sleep(rng.uniform(0.0, 4.5))
         if rng.random() < 0.5:
             os.kill(proc.pid, signal.SIGKILL)
         else:

@@ -105,8 +105,8 @@ def test_imatrix_option_quantizes_with_calibration_text(rk):
     project.write("imat.yaml", f"extends: {RECIPE}\nscheme: {{use: gguf_q4_k_m, gguf_types: [Q4_K_M], gguf_imatrix: true}}\n")
     out = project.doit("recipe=imat", "imat:llamacpp.perplexity@Q4_K_M").stdout  # up to the PPL, not the bundle
     # built here, or found in the shared store from an earlier run
-    assert re.search(r"imat:gguf\.imatrix: (built|hit|reused) ", out)
-    assert re.search(r"imat:gguf\.quantize@Q4_K_M: (built|hit|reused) ", out)
+    assert re.search(r"imat:llamacpp\.imatrix: (built|hit|reused) ", out)
+    assert re.search(r"imat:llamacpp\.quantize@Q4_K_M: (built|hit|reused) ", out)
     imatrix = project.artifacts / "imat" / "llamacpp.imatrix" / "imatrix.gguf"
     assert imatrix.stat().st_size > 10_000
     with_imatrix = json.loads((project.artifacts / "imat" / "llamacpp.perplexity@Q4_K_M" / "perplexity.json").read_text())
