@@ -155,7 +155,8 @@ def test_run_tool_echo_shows_a_long_tools_output_as_it_comes_and_keeps_it(capfd)
     assert capfd.readouterr().out.endswith("[1]12.5,ETA 0.1 min\n")
 
 
-@pytest.mark.parametrize("edit", ["append", "truncate", "replace_same_size"])
+@pytest.mark.parametrize("edit", ["append", pytest.param("truncate", marks=pytest.mark.slow),
+                                  pytest.param("replace_same_size", marks=pytest.mark.slow)])
 def test_an_edited_workspace_file_is_noticed_quarantined_and_rebuilt(tiny_project, edit):
     """Workspace files are hard links into the store. An edit through one changes the entry: the
     next build must notice it without rehashing (size, mtime, inode), quarantine the entry, build

@@ -72,8 +72,13 @@ def hostile_recipe(project, monkeypatch, target: str, scheme: str, stages: dict)
 def test_mnn_run_sh(project, monkeypatch, box, tmp_path):
     r = hostile_recipe(project, monkeypatch, "mnn_arm", "mnn_int4_b64", {"mnn.verify": {"chat": H_TEXT}})
     p = stage_class("mnn.package").params(r, "")
-    script = render("mnn/run.sh.j2", **dict(p, recipe="r", mnn_version="3.6.1", llmexport_version="0.0.5",
-                                           answer=H_TEXT, label=H, report_md=H_TEXT))
+    values = dict(p, recipe="r", mnn_version="3.6.1", llmexport_version="0.0.5", answer=H_TEXT, label=H,
+                  report_md=H_TEXT)
+    script = render("mnn/run.sh.j2", **values)
+    assert H in render("mnn/README.md.j2", **values)  # prose in a README, shown as written
+    config = json.loads(render("mnn/config.json.j2", files={"llm_model": H, "llm_weight": "w", "tokenizer_file": "t"},
+                               **stage_class("mnn.config").Params().model_dump(mode="json")))
+    assert config["llm_model"] == H  # JSON through tojson: any string stays one value
     calls = run_script(box, script, "host")
     assert [c["argv"] for c in calls if c["tool"] == "python3"] == [["-", H_TEXT]]  # the question, intact
     calls = run_script(box, script, "push", H_DIR)
@@ -94,8 +99,11 @@ def test_genie_run_sh(project, monkeypatch, box, tmp_path):
     p = stage_class("qnn.package").params(r, "")
     for name in p["libraries"]:
         (box["bundle"] / name).write_text("stand-in library")
-    script = render("genie/run.sh.j2", **dict(p, recipe="r", prompts={1024: True, 4096: False},
-                                             missing=list(p["libraries"]), shared_bin="model.bin", binary={}))
+    values = dict(p, recipe="r", prompts={1024: True, 4096: False}, missing=list(p["libraries"]),
+                  shared_bin="model.bin", binary={"file": "models/model.bin", "bytes": 1, "provider": "ort-qnn",
+                                                  "soc_model": 69, "htp_arch": 79, "qnn_build": H, "graphs": {}})
+    script = render("genie/run.sh.j2", **values)
+    assert H in render("genie/README.md.j2", **values)
     (device / "models").mkdir(parents=True)
     (device / "genie-t2t-run").write_text(f"#!/bin/sh\necho \"$PWD $*\" >> {tmp_path}/genie_ran\n")
     (device / "genie-t2t-run").chmod(0o755)
@@ -110,7 +118,9 @@ def test_genie_run_sh(project, monkeypatch, box, tmp_path):
 def test_llamacpp_run_sh(project, monkeypatch, box, tmp_path):
     r = hostile_recipe(project, monkeypatch, "rk3568", "gguf_q8_0", {"llamacpp.verify": {"prompt": H_TEXT}})
     p = stage_class("llamacpp.package").params(r, "")
-    script = render("llamacpp/run.sh.j2", **dict(p, recipe="r", expected=H_TEXT, report_md=H_TEXT, label=H))
+    values = dict(p, recipe="r", expected=H_TEXT, report_md=H_TEXT, label=H)
+    script = render("llamacpp/run.sh.j2", **values)
+    assert H in render("llamacpp/README.md.j2", **values)
     calls = run_script(box, script)
     qemu = [c["argv"] for c in calls if c["tool"] == "qemu-aarch64-static"]
     assert len(qemu) == 1 and qemu[0][:3] == ["-cpu", "cortex-a76", "./bin/llama-completion"]
