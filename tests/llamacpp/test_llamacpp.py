@@ -62,7 +62,7 @@ def test_toolchain_template_renders_cross_settings():
     assert "set(CMAKE_SYSTEM_NAME Linux)" in text and "set(CMAKE_SYSTEM_PROCESSOR aarch64)" in text
     assert "set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)" in text and "set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)" in text
     assert "set(CMAKE_FIND_ROOT_PATH /usr/aarch64-linux-gnu)" in text
-    assert "set(CMAKE_CROSSCOMPILING_EMULATOR /usr/bin/qemu-aarch64-static -cpu max)" in text
+    assert 'set(CMAKE_CROSSCOMPILING_EMULATOR "/usr/bin/qemu-aarch64-static" -cpu max)' in text
     without = render("llamacpp/toolchain.cmake.j2", triple="aarch64-linux-gnu", arch="aarch64", core="x",
                      emulator=None)
     assert "CROSSCOMPILING_EMULATOR" not in without
