@@ -49,7 +49,7 @@ def test_kill_9_at_random_moments(tiny_project, clean):
             if rng.random() < 0.6:
                 store.remove(key)
         proc = tiny_project.popen_doit("recipe=tiny", stdout=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.0, 4.5))
+        time.sleep(rng.uniform(0.0, 3.5))
         if rng.random() < 0.5:
             os.kill(proc.pid, signal.SIGKILL)  # doit alone: its stage must die with it
         else:
