@@ -45,10 +45,10 @@ def workspace_key(spec: StageSpec) -> str | None:
     return _mark(spec).get("key")
 
 
-def workspace_intact(spec: StageSpec) -> bool:
+def workspace_intact(spec: StageSpec, mark: dict | None = None) -> bool:
     """The workspace's files are the ones linked from the entry: none edited, replaced or removed
     since (compared by size, mtime and inode as recorded when they were linked)."""
-    files = _mark(spec).get("files")
+    files = (_mark(spec) if mark is None else mark).get("files")
     if files is None:
         return False
     try:
@@ -60,9 +60,9 @@ def workspace_intact(spec: StageSpec) -> bool:
 def is_up_to_date(spec: StageSpec) -> bool:
     """The doit `uptodate` check: the key's entry exists and is as published, and the workspace
     holds exactly its files."""
-    store = Store(spec.store)
-    return (workspace_key(spec) == spec.key and store.has(spec.key) and not store.tampered(spec.key)
-            and workspace_intact(spec))
+    store, mark = Store(spec.store), _mark(spec)
+    return (mark.get("key") == spec.key and store.has(spec.key) and not store.tampered(spec.key)
+            and workspace_intact(spec, mark))
 
 
 def _quarantine_if_tampered(spec: StageSpec, store: Store) -> None:

@@ -187,8 +187,6 @@ class Store:
                     if (e / "meta.json").is_file():
                         yield e.name
 
-    def size(self, key: str) -> int:
-        return sum(f.stat().st_size for f in self.entry(key).rglob("*") if f.is_file())
 
     def remove(self, key: str) -> None:
         remove_tree(self.entry(key))

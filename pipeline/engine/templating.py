@@ -1,6 +1,7 @@
 """Jinja rendering, sandboxed with StrictUndefined (a missing value is an error, not '')."""
 from __future__ import annotations
 
+import re
 import shlex
 from functools import cache
 from pathlib import Path
@@ -26,6 +27,9 @@ def environment(root: Path = TEMPLATES) -> SandboxedEnvironment:
     # into CMake files through `| cmake_quote`; into JSON through `| tojson`.
     env.filters["shquote"] = shlex.quote
     env.filters["cmake_quote"] = cmake_quote
+    # Values in a script's or CMake file's comment: the schema already refuses newlines in them;
+    # this keeps a comment one line whatever a future field lets through.
+    env.filters["oneline"] = lambda value: re.sub(r"[\x00-\x1f\x7f]", " ", str(value))
     return env
 
 

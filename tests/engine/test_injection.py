@@ -171,3 +171,9 @@ def test_values_of_the_wrong_shape_are_refused(project, monkeypatch, field, valu
     (project.recipes / "r.yaml").write_text(json.dumps(doc))
     with pytest.raises(RecipeError, match=r"r\.yaml:1: .*(should match pattern|Input should be)"):
         load_recipe("r", project.settings(monkeypatch))
+
+
+def test_comment_values_stay_on_one_line():
+    from pipeline.engine.templating import environment
+
+    assert environment().from_string("# {{ v | oneline }}").render(v="a\nrm -rf ~\r\x07b") == "# a rm -rf ~  b"
