@@ -1,7 +1,8 @@
 """doit glue: planned stages → doit task dicts. Imported by dodo.py.
 
 One task per stage, `<recipe>:<stage>`, plus a group task `<recipe>` (the
-default). Up-to-date is one cheap check over the key (runner.is_up_to_date):
+default). Up-to-date is one cheap check over the action key, settled against
+the store when doit asks (after the stage's inputs ran: runner.is_up_to_date):
 no file_dep, so doit never md5s a large file.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ def load_or_exit(name: str, settings: Settings) -> tuple[Recipe, list[StageSpec]
 def _action(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> Any:
     def run() -> Any:
         try:
-            build(spec, settings)
+            build(spec, specs, settings)
         except KilnError as e:
             return TaskFailed(str(e))
         except KeyboardInterrupt:
@@ -65,15 +66,20 @@ def headlines(specs: list[StageSpec]) -> list[str]:
     return lines
 
 
+def _doc(spec: StageSpec) -> str:
+    doc = f"stage {spec.stage} (key {spec.key[:12]}…)"
+    return doc + (f", provisional: depends on the output of {spec.pending}, not built yet" if spec.pending else "")
+
+
 def stage_tasks(recipe: Recipe, specs: list[StageSpec], settings: Settings) -> Iterator[dict[str, Any]]:
-    by_key = {s.stage: s for s in specs}
+    by_id = {s.stage: s for s in specs}
     for spec in specs:
         yield {
             "basename": spec.task_name,
-            "doc": f"stage {spec.stage} (key {spec.key[:12]}…)",
+            "doc": _doc(spec),
             "actions": [(_action(spec, specs, settings), [], {})],
-            "task_dep": [by_key[d].task_name for d in spec.inputs],
-            "uptodate": [lambda s=spec: is_up_to_date(s)],
+            "task_dep": [by_id[d].task_name for d in spec.input_nodes],
+            "uptodate": [lambda s=spec: is_up_to_date(s, specs)],
             "verbosity": 2,
         }
     yield {

@@ -1,4 +1,6 @@
-"""gc: drop store entries no listed recipe needs, by age and size budget; clear dead scratch."""
+"""gc: drop store outputs (and their action records) no listed recipe needs, by age and size
+budget; drop dangling or old unneeded action records, entries of the old store layout and dead
+scratch."""
 from __future__ import annotations
 
 import json
@@ -9,81 +11,116 @@ from pipeline.engine.errors import KilnError
 from pipeline.engine.plan import plan
 from pipeline.engine.runner import ENTRY_MARK
 from pipeline.engine.settings import Settings
-from pipeline.engine.store import Store, remove_tree
+from pipeline.engine.store import LEGACY_ENTRIES, Store, remove_tree
 from pipeline.recipe.load import available
 from pipeline.registry import load_recipe
 
 
-def needed_keys(settings: Settings, store_root: Path) -> set[str]:
-    """Keys the recipes in recipes/ plan now, plus those any workspace points at."""
-    keep: set[str] = set()
+def needed(settings: Settings, store_root: Path) -> tuple[set[str], set[str]]:
+    """(action keys, output digests) the recipes in recipes/ plan now, plus what any workspace holds."""
+    keys: set[str] = set()
+    outputs: set[str] = set()
     for name in available(settings.recipes_dir):
         try:
-            keep.update(s.key for s in plan(load_recipe(name, settings)) if s.store == store_root)
+            for s in plan(load_recipe(name, settings)):
+                if s.store == store_root:
+                    keys.add(s.key)
+                    outputs.update([s.output] if s.output else [])
         except (KilnError, OSError) as e:
             print(f"gc: warning: recipe {name} skipped, it does not plan ({str(e).splitlines()[0]}); "
                   "its entries are protected only by workspaces and the grace period")
     for mark in settings.artifacts.glob(f"*/*/{ENTRY_MARK}"):
         try:
-            keep.add(json.loads(mark.read_text())["key"])
+            held = json.loads(mark.read_text())
+            keys.add(held["key"])
+            outputs.add(held["output"])
         except (OSError, ValueError, KeyError):
             pass
-    return keep
+    return keys, outputs
 
 
 GRACE_S = 3600.0  # an entry used this recently may serve a build in another checkout right now
 
 
-def inode_sizes(store: Store, keys: list[str]) -> tuple[dict[str, set[tuple[int, int]]], dict[tuple[int, int], int]]:
-    """({key: its files' inodes}, {inode: bytes}): hard links (bundles link their inputs' files)
-    counted once, so removing an entry frees only the bytes no other entry still holds."""
+def inode_sizes(store: Store, digests: list[str]) -> tuple[dict[str, set[tuple[int, int]]], dict[tuple[int, int], int]]:
+    """({digest: its files' inodes}, {inode: bytes}): hard links (bundles link their inputs' files)
+    counted once, so removing an output frees only the bytes no other output still holds."""
     inodes: dict[str, set[tuple[int, int]]] = {}
     sizes: dict[tuple[int, int], int] = {}
-    for key in keys:
-        inodes[key] = set()
-        for f in store.entry(key).rglob("*"):
+    for digest in digests:
+        inodes[digest] = set()
+        for f in store.output(digest).rglob("*"):
             st = f.lstat()
             if f.is_file() and not f.is_symlink():
-                inodes[key].add((st.st_dev, st.st_ino))
+                inodes[digest].add((st.st_dev, st.st_ino))
                 sizes[(st.st_dev, st.st_ino)] = st.st_size
     return inodes, sizes
 
 
 def gc(settings: Settings, store_root: Path, max_age_days: float, budget_gb: float | None,
        dry_run: bool = False) -> list[str]:
+    """Remove what is not needed; return the output digests removed."""
     store = Store(store_root)
-    keep = needed_keys(settings, store_root)
+    keep_keys, keep_outputs = needed(settings, store_root)
     now = time.time()
-    keys = list(store.keys())
-    inodes, sizes = inode_sizes(store, keys)
+    verb = "would remove" if dry_run else "removed"
+    records = {k: r for k in store.actions() if (r := store.record(k))}
+    makers: dict[str, list[str]] = {}
+    for key, rec in records.items():
+        makers.setdefault(rec["output"], []).append(key)
+    keep_outputs |= {records[k]["output"] for k in keep_keys if k in records}
+    digests = list(store.outputs())
+    inodes, sizes = inode_sizes(store, digests)
     holders: dict[tuple[int, int], int] = {}
     for owned in inodes.values():
         for inode in owned:
             holders[inode] = holders.get(inode, 0) + 1
     total = sum(sizes.values())
+
+    def busy(path: Path, keys: list[str]) -> bool:
+        """Used within the grace period, or a live lock is rebuilding one of its keys."""
+        return now - store.last_used(path) < GRACE_S or any(
+            store.lock(k).path.exists() and not store.lock(k).is_stale() for k in keys)
+
     removed: list[str] = []
-    for used, key in sorted((store.last_used(k), k) for k in keys if k not in keep):
-        if now - used < GRACE_S or store.lock(key).path.exists() and not store.lock(key).is_stale():
-            continue  # just built or used (maybe by another checkout), or being rebuilt
+    for used, digest in sorted((store.last_used(store.output(d)), d) for d in digests if d not in keep_outputs):
+        if busy(store.output(digest), makers.get(digest, [])):
+            continue
         too_old = now - used > max_age_days * 86400
         if not too_old and (budget_gb is None or total <= budget_gb * 1e9):
             continue
         freed = 0
-        for inode in inodes[key]:
+        for inode in inodes[digest]:
             holders[inode] -= 1
             freed += sizes[inode] if holders[inode] == 0 else 0
         total -= freed
-        removed.append(key)
+        removed.append(digest)
         if not dry_run:
-            store.remove(key)
+            store.remove_output(digest)
         why = "older than max age" if too_old else "over size budget"
-        print(f"gc: {'would remove' if dry_run else 'removed'} {key[:16]}… ({freed / 1e6:.1f} MB freed, {why})")
+        print(f"gc: {verb} output {digest[:16]}… ({freed / 1e6:.1f} MB freed, {why}; "
+              f"{len(makers.get(digest, []))} action record(s) with it)")
+    dropped = 0
+    for key, rec in records.items():
+        orphan = not store.has_output(rec["output"])  # its output was quarantined or removed
+        old = now - store.last_used(store.action(key)) > max_age_days * 86400
+        unneeded = key not in keep_keys and (orphan or old) and not busy(store.action(key), [key])
+        if rec["output"] in removed or unneeded:
+            dropped += 1
+            if not dry_run:
+                store.remove_action(key)
+    legacy = store.root / LEGACY_ENTRIES
+    if legacy.is_dir() and now - legacy.stat().st_mtime >= GRACE_S:
+        print(f"gc: {verb} {legacy} (the store layout before output digests; this Kiln never reads it)")
+        if not dry_run:
+            remove_tree(legacy)
     for scratch in store.stale_scratch():
-        print(f"gc: {'would remove' if dry_run else 'removed'} dead scratch {scratch.name}")
+        print(f"gc: {verb} dead scratch {scratch.name}")
         if not dry_run:
             remove_tree(scratch)
-    print(f"gc: kept {len(keys) - len(removed)} entries ({total / 1e9:.2f} GB), "
-          f"{len(keep & set(keys))} needed by recipes/workspaces")
+    print(f"gc: kept {len(digests) - len(removed)} outputs ({total / 1e9:.2f} GB), "
+          f"{len(keep_outputs & set(digests))} needed by recipes/workspaces; "
+          f"{len(records) - dropped} action records ({dropped} {'would go' if dry_run else 'dropped'})")
     return removed
 
 

@@ -1,4 +1,4 @@
-"""verify: re-hash every store entry against its meta.json; quarantine mismatches."""
+"""verify: re-hash every stored output against its manifest; quarantine mismatches."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,20 +7,20 @@ from pipeline.engine.store import Store, file_manifest
 
 
 def verify(store_root: Path, only: set[str] | None = None) -> tuple[int, list[str]]:
-    """Return (entries checked, keys quarantined); `only` limits the check to those keys."""
+    """Return (outputs checked, digests quarantined); `only` limits the check to those digests."""
     store = Store(store_root)
     bad: list[str] = []
-    keys = [k for k in store.keys() if only is None or k in only]
-    for key in keys:
-        recorded = store.meta(key).get("files", {})
-        actual = file_manifest(store.out(key))
+    digests = [d for d in store.outputs() if only is None or d in only]
+    for digest in digests:
+        recorded = store.manifest(digest)["files"]
+        actual = file_manifest(store.out(digest))
         if actual != recorded:
             changed = sorted(f for f in set(recorded) | set(actual) if recorded.get(f) != actual.get(f))
-            dest = store.quarantine(key)
-            bad.append(key)
-            print(f"verify: {key[:16]}… MISMATCH in {', '.join(changed)}; moved to {dest}")
-    print(f"verify: {len(keys)} entries checked, {len(bad)} quarantined")
-    return len(keys), bad
+            dest = store.quarantine(digest)
+            bad.append(digest)
+            print(f"verify: {digest[:16]}… MISMATCH in {', '.join(changed)}; moved to {dest}")
+    print(f"verify: {len(digests)} outputs checked, {len(bad)} quarantined")
+    return len(digests), bad
 
 
 def add_parser(sub) -> None:

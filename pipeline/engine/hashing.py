@@ -11,7 +11,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import blake3
 
@@ -40,7 +42,8 @@ def hf_blob_hash(path: Path) -> str | None:
 
 
 class StatCache:
-    """(dev, ino, size, mtime_ns) → content hash, persisted as one JSON file.
+    """(dev, ino, size, mtime_ns) → content hash (or another value derived from the bytes, see
+    `memo`), persisted as one JSON file.
 
     Concurrent writers are harmless: each saves atomically, a lost entry is
     only re-hashed later.
@@ -50,19 +53,20 @@ class StatCache:
         self.file = file
         self.dirty = False
         try:
-            self.entries: dict[str, str] = json.loads(file.read_text())
+            self.entries: dict[str, Any] = json.loads(file.read_text())
         except (OSError, ValueError):
             self.entries = {}
 
     def file_hash(self, path: Path) -> str:
-        blob = hf_blob_hash(path)
-        if blob:
-            return blob
+        return hf_blob_hash(path) or self.memo(path, "", lambda: hash_file_bytes(path))
+
+    def memo(self, path: Path, kind: str, compute: Callable[[], Any]) -> Any:
+        """`compute()` (a JSON value derived from `path`'s bytes), remembered until the file changes."""
         st = path.stat()
-        sig = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+        sig = f"{kind}{':' if kind else ''}{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
         cached = self.entries.get(sig)
         if cached is None:
-            cached = self.entries[sig] = hash_file_bytes(path)
+            cached = self.entries[sig] = compute()
             self.dirty = True
         return cached
 

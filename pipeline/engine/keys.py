@@ -1,9 +1,11 @@
-"""Stage keys: the content address of a stage's output.
+"""Two addresses: the action key (what determines a run) and the output digest (what it made).
 
-key = BLAKE3-256 over the canonical JSON of (stage, version, params, input
-keys, source hashes, tool fingerprints). Inputs enter by key, never by their
-bytes, so keys chain like a Merkle DAG and no intermediate is re-read to
-decide anything. Full 256-bit hex; never truncated.
+action key = BLAKE3-256 over the canonical JSON of (stage, version, params, source hashes, tool
+fingerprints, the stage's code, and the *output digests* of its inputs). Inputs enter by what
+their outputs hold, not by how they were made, so a stage rebuilt to the same bytes re-keys
+nothing downstream (early cutoff). Output digest = BLAKE3-256 over the canonical JSON of the
+output's manifest (every file's path, size, content hash, executable bit): computed once at
+publish from hashes the store records anyway, never by re-reading an input. Full 256-bit hex.
 """
 from __future__ import annotations
 
@@ -17,16 +19,13 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def key_material(
-    stage: str, version: int, params: dict[str, Any], inputs: dict[str, str],
-    sources: dict[str, str], tools: dict[str, str],
-) -> dict[str, Any]:
-    return {"stage": stage, "version": version, "params": params, "inputs": inputs,
-            "sources": sources, "tools": tools}
-
-
 def compute_key(material: dict[str, Any]) -> str:
     return blake3.blake3(canonical_json(material).encode()).hexdigest()
+
+
+def output_digest(files: dict[str, dict[str, Any]]) -> str:
+    """The digest of an output from its manifest ({path: {size, blake3, exec}})."""
+    return blake3.blake3(canonical_json(files).encode()).hexdigest()
 
 
 def diff(old: Any, new: Any, path: str = "") -> list[str]:
@@ -43,6 +42,17 @@ def diff(old: Any, new: Any, path: str = "") -> list[str]:
                 out.extend(diff(old[k], new[k], sub))
         return out
     return [] if old == new else [f"{path}: {_short(old)} → {_short(new)}"]
+
+
+# What a changed key field means, for one-line summaries ("rebuilt (source changed)").
+_CAUSES = {"code": "source changed", "params": "params changed", "inputs": "input changed",
+           "sources": "source files changed", "tools": "tool changed", "version": "version bumped"}
+
+
+def causes(changes: list[str]) -> str:
+    """'source changed, tool changed' from diff lines ('code.pipeline.x: … → …')."""
+    found = dict.fromkeys(_CAUSES.get(c.split(".", 1)[0].split(":", 1)[0], "key changed") for c in changes)
+    return ", ".join(found) or "key changed"
 
 
 def _short(value: Any) -> str:

@@ -88,14 +88,16 @@ def replace_dir(new: Path, dest: Path) -> None:
         shutil.rmtree(old)
 
 
-def materialize(src: Path, dest: Path, extra: dict[str, str] | None = None,
+def materialize(srcs: list[Path], dest: Path, extra: dict[str, str] | None = None,
                 methods: tuple[str, ...] = METHODS) -> str:
-    """Make `dest` mirror `src` (plus small `extra` files written as text)."""
+    """Make `dest` mirror the trees `srcs` merged (plus small `extra` files written as text)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.new.{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    method = link_tree(src, tmp, methods)
+    method = ""
+    for src in srcs:
+        method = link_tree(src, tmp, methods)
     for name, text in (extra or {}).items():
         (tmp / name).write_text(text)
     replace_dir(tmp, dest)

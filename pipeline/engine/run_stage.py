@@ -69,8 +69,9 @@ def main(job_file: str) -> int:
         recipe_name=job["recipe"], variant=job["variant"], params=job["params"],
         inputs={k: Path(v) for k, v in job["inputs"].items()},
         sources={k: Path(v) for k, v in job["sources"].items()},
-        out=Path(job["out"]), tmp=Path(job["tmp"]), key=job["key"], cache=Path(job["cache"]), tools=job["tools"],
-        input_keys=job["input_keys"], input_tools=job["input_tools"],
+        out=Path(job["out"]), info=Path(job["info"]), tmp=Path(job["tmp"]), key=job["key"],
+        cache=Path(job["cache"]), tools=job["tools"],
+        input_outputs=job["input_outputs"],
         log=logging.getLogger(f"kiln.{job['stage']}"),
     )
     try:

@@ -1,8 +1,10 @@
 """Build one planned stage: store hit, or lock → child process → publish → workspace.
 
 The stage runs in a child process (`python -m pipeline.engine.run_stage job.json`)
-whose output goes to the console and to the entry's log.txt; the parent holds
+whose output goes to the console and to the action's log.txt; the parent holds
 the key's lock (heartbeat) and publishes. Killing either leaves scratch, no entry.
+A stage is settled against the store just before it is checked or run (plan.resolve):
+by then its inputs are built and their output digests known.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 from pipeline.engine.errors import KilnError, StageFailed
 from pipeline.engine.lock import HOST, FileLock
 from pipeline.engine.materialize import materialize
-from pipeline.engine.plan import StageSpec
+from pipeline.engine.plan import StageSpec, resolve, resolved
 from pipeline.engine.progress import INTERVAL_ENV, LOG_INTERVAL, TERMINAL_INTERVAL
 from pipeline.engine.run_stage import RUNNER_PID_ENV
 from pipeline.engine.settings import Settings
@@ -34,21 +36,19 @@ def say(msg: str) -> None:
     print(f"kiln: {msg}", flush=True)
 
 
-def _mark(spec: StageSpec) -> dict:
+def workspace_mark(spec: StageSpec) -> dict:
+    """What the workspace holds: {key, output, entry (the output's dir), log (the run's), files, last}
+    as written when it was linked."""
     try:
         return json.loads((spec.workspace / ENTRY_MARK).read_text())
     except (OSError, ValueError):
         return {}
 
 
-def workspace_key(spec: StageSpec) -> str | None:
-    return _mark(spec).get("key")
-
-
 def workspace_intact(spec: StageSpec, mark: dict | None = None) -> bool:
-    """The workspace's files are the ones linked from the entry: none edited, replaced or removed
+    """The workspace's files are the ones linked from the store: none edited, replaced or removed
     since (compared by size, mtime and inode as recorded when they were linked)."""
-    files = (_mark(spec) if mark is None else mark).get("files")
+    files = (workspace_mark(spec) if mark is None else mark).get("files")
     if files is None:
         return False
     try:
@@ -57,21 +57,24 @@ def workspace_intact(spec: StageSpec, mark: dict | None = None) -> bool:
         return False
 
 
-def is_up_to_date(spec: StageSpec) -> bool:
-    """The doit `uptodate` check: the key's entry exists and is as published, and the workspace
-    holds exactly its files."""
-    store, mark = Store(spec.store), _mark(spec)
-    return (mark.get("key") == spec.key and store.has(spec.key) and not store.tampered(spec.key)
-            and workspace_intact(spec, mark))
+def is_up_to_date(spec: StageSpec, specs: list[StageSpec]) -> bool:
+    """The doit `uptodate` check: the stage's action key (settled now) has a record, its output is
+    as published, and the workspace holds exactly that run's files."""
+    spec = resolved(spec, specs)
+    if spec.output is None:
+        return False
+    mark = workspace_mark(spec)
+    return (mark.get("key") == spec.key and mark.get("output") == spec.output
+            and not Store(spec.store).tampered(spec.output) and workspace_intact(spec, mark))
 
 
 def _quarantine_if_tampered(spec: StageSpec, store: Store) -> None:
-    """An entry whose files changed after publish (a workspace file is a hard link into it) is
+    """An output whose files changed after publish (a workspace file is a hard link into it) is
     never used: it goes to quarantine and the stage builds again."""
-    if store.has(spec.key) and (changed := store.tampered(spec.key)):
-        dest = store.quarantine(spec.key)
-        say(f"{spec.task_name}: {', '.join(changed[:5])} changed since the entry was published (edited through "
-            f"{spec.workspace.name}/?); entry moved to {dest}, rebuilding")
+    if spec.output and (changed := store.tampered(spec.output)):
+        dest = store.quarantine(spec.output)
+        say(f"{spec.task_name}: {', '.join(changed[:5])} changed since the output was published (edited through "
+            f"{spec.workspace.name}/?); moved to {dest}, rebuilding")
 
 
 def waiting_for(owner: dict | None, lock: FileLock) -> str:
@@ -81,51 +84,86 @@ def waiting_for(owner: dict | None, lock: FileLock) -> str:
     return f"waiting for {owner.get('host', '?')}:{owner.get('pid', '?')}, which is building it"
 
 
-def build(spec: StageSpec, settings: Settings) -> str:
-    """Make `spec`'s entry exist and materialize it; return what happened (built/hit/reused)."""
+def downstream(stage: str, specs: list[StageSpec]) -> list[StageSpec]:
+    """Specs that read `stage`'s output, directly or not (plan order)."""
+    reached = {stage}
+    out = []
+    for s in specs:
+        if reached & set(s.input_nodes):
+            reached.add(s.stage)
+            out.append(s)
+    return out
+
+
+def build(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> str:
+    """Make `spec`'s output exist and materialize it; return what happened (built/hit/reused)."""
+    spec = resolved(spec, specs)
     if spec.blocked:
         raise StageFailed(f"{spec.task_name}: cannot run here:\n  {spec.blocked}")
+    if spec.pending:
+        raise StageFailed(f"{spec.task_name}: its input {spec.pending} has no output in the store")
     try:
-        return _build(spec, settings)
+        return _build(spec, specs, settings)
     except OSError as e:  # a full disk, a read-only or vanished store: say what, not a traceback
         raise StageFailed(f"{spec.task_name}: {e.strerror or e} ({e.filename or spec.store}); nothing was published") from None
 
 
-def _build(spec: StageSpec, settings: Settings) -> str:
+def _build(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> str:
     store = Store(spec.store)
-    outcome = "hit"
     _quarantine_if_tampered(spec, store)
-    if not store.has(spec.key):
+    before = workspace_mark(spec)
+    outcome = "hit"
+    digest = store.output_of(spec.key)
+    if digest is None:
         lock = store.lock(spec.key)
         lock.acquire(on_wait=lambda owner: say(f"{spec.task_name}: {waiting_for(owner, lock)} (key {spec.key[:16]}…)"))
         try:
-            if store.has(spec.key):
+            digest = store.output_of(spec.key)
+            if digest is not None:
                 outcome = "reused"
             else:
                 with _resource_slot(spec, settings):
-                    _run_and_publish(spec, store, settings)
+                    digest = _run_and_publish(spec, store, settings)
                 outcome = "built"
         finally:
             lock.release()
-    store.touch(spec.key)
-    # a new entry under a key the workspace already names (its old entry was quarantined by
-    # `verify`, or gc'd): the workspace's files are the old entry's, so relink
-    _materialize(spec, store, force=outcome != "hit")
+    store.touch(spec.key, digest)
+    last = None
+    if outcome == "built" and before.get("key") not in (None, spec.key):
+        # early cutoff: stages reading this output keep their keys when its bytes did not change
+        after = {s.stage: s for s in resolve(specs)}
+        kept = [s for s in downstream(spec.stage, specs) if after[s.stage].output is not None]
+        last = {"previous_key": before["key"], "same_output": before.get("output") == digest,
+                "kept_downstream": len(kept)}
+    # a new output under a digest the workspace already names (the old copy was quarantined by
+    # `verify`, or gc'd): the workspace's files are the old copy's, so relink
+    _materialize(spec, store, digest, force=outcome != "hit", last=last)
     say(f"{spec.task_name}: {outcome} {spec.key[:16]}… → {settings.shown(spec.workspace)}")
+    if last and last["same_output"]:
+        n = last["kept_downstream"]
+        say(f"{spec.task_name}: same output as before (digest {digest[:16]}…) → {n} downstream "
+            f"stage{'s' * (n != 1)} kept")
     return outcome
 
 
-def _materialize(spec: StageSpec, store: Store, force: bool = False) -> None:
+def _materialize(spec: StageSpec, store: Store, digest: str, force: bool = False, last: dict | None = None) -> None:
+    """Link the output and the run's info/ into the workspace, and mark it ({key, output, files}, and
+    what the last rebuild did: `last`, read by `explain`)."""
     ws_lock = FileLock(spec.workspace.parent / ".locks" / f"{spec.stage}.lock")
     with ws_lock:
-        if force or workspace_key(spec) != spec.key or not workspace_intact(spec):
-            materialize(store.out(spec.key), spec.workspace, extra={ENTRY_MARK: "{}"})
+        mark = workspace_mark(spec)
+        if force or mark.get("key") != spec.key or mark.get("output") != digest or not workspace_intact(spec, mark):
+            info = store.action(spec.key) / "info"
+            materialize([store.out(digest), *([info] if info.is_dir() else [])], spec.workspace,
+                        extra={ENTRY_MARK: "{}"})
             files = {p.relative_to(spec.workspace).as_posix(): stat_signature(p)
                      for p in sorted(spec.workspace.rglob("*")) if p.name != ENTRY_MARK and not p.is_dir()}
-            mark = spec.workspace / ENTRY_MARK
-            tmp = mark.with_name(f".{ENTRY_MARK}.{os.getpid()}")
-            tmp.write_text(json.dumps({"key": spec.key, "entry": str(store.entry(spec.key)), "files": files}, indent=2))
-            os.replace(tmp, mark)
+            new = spec.workspace / ENTRY_MARK
+            tmp = new.with_name(f".{ENTRY_MARK}.{os.getpid()}")
+            tmp.write_text(json.dumps({"key": spec.key, "output": digest, "entry": str(store.output(digest)),
+                                       "log": str(store.action(spec.key) / "log.txt"), "files": files,
+                                       **({"last": last} if last else {})}, indent=2))
+            os.replace(tmp, new)
 
 
 @contextmanager
@@ -150,16 +188,17 @@ def _resource_slot(spec: StageSpec, settings: Settings) -> Iterator[None]:
         time.sleep(0.5)
 
 
-def _run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> None:
+def _run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> str:
+    """Run the stage in a child process and publish what it wrote; return its output digest."""
     scratch = store.new_scratch(spec.key)
+    assert spec.inputs is not None
     job = {
         "stage": spec.name, "entry": spec.entry, "variant": spec.variant, "recipe": spec.recipe, "key": spec.key,
-        "params": spec.material["params"], "tools": spec.material["tools"],
-        "input_keys": spec.inputs,
-        "input_tools": {name: store.meta(k)["material"]["tools"] for name, k in spec.inputs.items()},
-        "inputs": {name: str(store.out(k)) for name, k in spec.inputs.items()},
-        "sources": spec.source_paths, "out": str(scratch / "out"), "tmp": str(scratch / "tmp"), "cache": str(store.root
-        / "cache"),
+        "params": spec.static["params"], "tools": spec.static["tools"],
+        "input_outputs": spec.inputs,
+        "inputs": {name: str(store.out(d)) for name, d in spec.inputs.items()},
+        "sources": spec.source_paths, "out": str(scratch / "out"), "info": str(scratch / "info"),
+        "tmp": str(scratch / "tmp"), "cache": str(store.root / "cache"),
     }
     job_file = scratch / "tmp" / "job.json"
     job_file.write_text(json.dumps(job, indent=2))
@@ -182,20 +221,20 @@ def _run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> None:
             f"{spec.task_name} failed (exit {rc}) after {duration:.1f}s; log: {settings.shown(failed_log)}\n"
             + "".join(f"  | {line}\n" for line in tail)
         )
-    meta = {
+    record = {
         "stage": spec.stage, "recipe": spec.recipe, "material": spec.material,
         "sources": spec.source_paths, "host": HOST, "pid": os.getpid(),
         "start": start, "duration_s": round(duration, 3), "exit_status": rc, "log": "log.txt",
     }
     try:
-        published = store.publish(scratch, spec.key, meta)
+        digest, kept = store.publish(scratch, spec.key, record)
     except KilnError as e:
         remove_tree(scratch)
         raise StageFailed(f"{spec.task_name}: {e}") from None
-    if published:
-        say(f"{spec.task_name}: done in {duration:.1f}s (log: {settings.shown(store.entry(spec.key) / 'log.txt')})")
-    else:
-        say(f"{spec.task_name}: another process published {spec.key[:16]}… first; using it")
+    shared = "" if kept else " (an identical output was already stored: shared)"
+    say(f"{spec.task_name}: done in {duration:.1f}s, output {digest[:16]}…{shared} "
+        f"(log: {settings.shown(store.action(spec.key) / 'log.txt')})")
+    return digest
 
 
 def _run_child(argv: list[str], log_path: Path, settings: Settings, extra_env: dict[str, str]) -> tuple[int, list[str]]:

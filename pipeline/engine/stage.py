@@ -6,9 +6,13 @@ the same inputs), `Params` (the schema of `stages.<name>` in a recipe, which
 also documents it), the `runtimes` it serves, the `tools` whose fingerprints
 enter its key, its `resource` class, and classmethods that read the recipe:
 extra conditions, which stages feed it, which params and source files enter
-its key. `run` does the work in a child process, writing only into `ctx.out`
-(scratch space in `ctx.tmp`, never published); heavy libraries are imported
-inside `run`, never at module level.
+its key. `run` does the work in a child process, writing its output into
+`ctx.out` (content-addressed: same bytes, same digest, nothing downstream
+rebuilt), measurements of the run (timings, a tool's log with timestamps)
+into `ctx.info` (kept with the action record, shown in the workspace, never
+part of the output or the bundle), scratch into `ctx.tmp` (never published).
+Nothing in `out` may depend on the machine, the time or the action key.
+Heavy libraries are imported inside `run`, never at module level.
 """
 from __future__ import annotations
 
@@ -54,11 +58,11 @@ class StageContext:
     inputs: dict[str, Path]
     sources: dict[str, Path]
     out: Path
+    info: Path   # measurements of this run (timings): kept with the action record, not in the output
     tmp: Path    # scratch space beside `out`, removed after the run and never published
-    key: str
+    key: str     # the action key: names scratch state (checkpoints), never written into `out`
     cache: Path  # per-store mutable cache for tools (ccache), shared by every build of any key
-    input_keys: dict[str, str] = field(default_factory=dict)
-    input_tools: dict[str, dict[str, str]] = field(default_factory=dict)  # tool versions behind each input
+    input_outputs: dict[str, str] = field(default_factory=dict)  # input node → its output digest
     tools: dict[str, str] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("kiln.stage"))
 
@@ -73,9 +77,6 @@ class Stage:
     requires: ClassVar[tuple[str, ...]] = ()
     tools: ClassVar[tuple[str, ...]] = ()
     resource: ClassVar[Literal["light", "heavy"]] = "light"
-    # Top-level files of the output that stay out of the bundle: measurements of the machine that
-    # built it (timings, logs with timestamps), different on every build, so the bundle is not.
-    unshipped: ClassVar[tuple[str, ...]] = ()
     # The output names its recipe (bundle, READMEs, run.sh): the recipe's name enters the key. A
     # stage without it must not write the recipe's name, since other recipes share its entries.
     per_recipe: ClassVar[bool] = False

@@ -1,12 +1,17 @@
-"""The content-addressed store: one read-only directory per stage key.
+"""The content-addressed store: outputs by what they hold, action records by what made them.
 
-    <store>/entries/<k[:2]>/<key>/{meta.json, log.txt, out/}
-    <store>/scratch/<key>.<host>.<pid>.<rand>/   work in progress: out/ (published), tmp/ (never)
-    <store>/locks/<key>.lock                     one builder per key (see lock.py)
-    <store>/quarantine/<key>/                    entries that failed `verify`
+    <store>/outputs/<d[:2]>/<digest>/{manifest.json, out/}   one per output digest, read-only
+    <store>/actions/<k[:2]>/<key>/{action.json, log.txt, info/}
+                                     one per action key: names its output digest, plus that run's
+                                     log and measurements (info/: timings, never part of the output)
+    <store>/scratch/<key>.<host>.<pid>.<rand>/   work in progress: out/, info/, log.txt; tmp/ (dropped)
+    <store>/locks/<key>.lock                     one builder per action key (see lock.py)
+    <store>/quarantine/<digest>/                 outputs whose files changed after publish
 
-Publishing renames a finished scratch directory into `entries/` (same
-filesystem, atomic): a killed build leaves only scratch, never an entry.
+Publishing renames the finished output into `outputs/` (same filesystem, atomic; when that
+digest is already there, the new copy is dropped: two action keys with the same output share one
+copy), then renames the action record into `actions/`: the record is written last, so a reader
+never finds a record whose output is missing. A killed build leaves only scratch.
 """
 from __future__ import annotations
 
@@ -22,10 +27,13 @@ from typing import Any
 
 from pipeline.engine.errors import KilnError
 from pipeline.engine.hashing import hash_file_bytes
+from pipeline.engine.keys import output_digest
 from pipeline.engine.lock import HOST, FileLock
 
-# What a published entry holds: the stage's output, the runner's log, and meta.json (added at publish).
-ENTRY_FILES = frozenset({"out", "log.txt"})
+# What a stage's scratch may hold when it is published: its output, its measurements, the log.
+SCRATCH_FILES = frozenset({"out", "info", "log.txt"})
+# The store layout before output digests (one entries/<key>/ per stage key): never read.
+LEGACY_ENTRIES = "entries"
 
 
 def _fsync_tree(root: Path) -> None:
@@ -73,95 +81,143 @@ def stat_signature(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
+def _files(root: Path) -> list[Path]:
+    return [p for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()]
+
+
 def file_manifest(out: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {size, blake3}} of every file under `out`."""
+    """{relative path: {size, blake3, exec}} of every file under `out`: what its digest covers."""
     return {
-        p.relative_to(out).as_posix(): {"size": p.stat().st_size, "blake3": hash_file_bytes(p)}
-        for p in sorted(out.rglob("*")) if p.is_file() and not p.is_symlink()
+        p.relative_to(out).as_posix(): {"size": p.stat().st_size, "blake3": hash_file_bytes(p),
+                                        "exec": bool(p.stat().st_mode & stat.S_IXUSR)}
+        for p in _files(out)
     }
 
 
-def differs_from_manifest(out: Path, skip: tuple[str, ...] = ()) -> list[str]:
-    """Files of an entry's `out/` (top-level names in `skip` left out) whose bytes are not what
-    its meta.json recorded at publish: re-read and hashed, for what leaves the store (bundles)."""
-    recorded = json.loads((out.parent / "meta.json").read_text())["files"]
-    top = {rel.split("/", 1)[0] for rel in recorded}
-    present = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and not p.is_symlink()}
-    wanted = {rel for rel in recorded if rel.split("/", 1)[0] not in skip}
-    extra = {rel for rel in present - set(recorded) if rel.split("/", 1)[0] in top - set(skip)}
-    bad = [rel for rel in sorted(wanted) if rel not in present or hash_file_bytes(out / rel) != recorded[rel]["blake3"]]
-    return bad + sorted(extra)
+def differs_from_manifest(out: Path) -> list[str]:
+    """Files of an output's `out/` whose bytes are not what its manifest recorded at publish (or
+    that were added since): re-read and hashed, for what leaves the store (bundles)."""
+    recorded = json.loads((out.parent / "manifest.json").read_text())["files"]
+    present = {p.relative_to(out).as_posix() for p in _files(out)}
+    bad = [rel for rel in sorted(recorded)
+           if rel not in present or hash_file_bytes(out / rel) != recorded[rel]["blake3"]]
+    return bad + sorted(present - set(recorded))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _seal(staging: Path, final: Path) -> bool:
+    """fsync, make read-only and rename `staging` to `final`; False (staging removed) when
+    `final` exists already (another builder published the same thing first)."""
+    _fsync_tree(staging)
+    _set_read_only(staging)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(staging, final)
+    except OSError:
+        if final.is_dir():
+            remove_tree(staging)
+            return False
+        raise
+    os.chmod(final, 0o555)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 class Store:
     def __init__(self, root: Path):
         self.root = root
 
-    def entry(self, key: str) -> Path:
-        return self.root / "entries" / key[:2] / key
+    # --- outputs, by digest ---
+    def output(self, digest: str) -> Path:
+        return self.root / "outputs" / digest[:2] / digest
 
-    def out(self, key: str) -> Path:
-        return self.entry(key) / "out"
+    def out(self, digest: str) -> Path:
+        return self.output(digest) / "out"
 
-    def has(self, key: str) -> bool:
-        return (self.entry(key) / "meta.json").is_file()
+    def has_output(self, digest: str) -> bool:
+        return (self.output(digest) / "manifest.json").is_file()
 
-    def meta(self, key: str) -> dict[str, Any]:
-        return json.loads((self.entry(key) / "meta.json").read_text())
+    def manifest(self, digest: str) -> dict[str, Any]:
+        return json.loads((self.output(digest) / "manifest.json").read_text())
+
+    # --- action records, by action key ---
+    def action(self, key: str) -> Path:
+        return self.root / "actions" / key[:2] / key
+
+    def record(self, key: str) -> dict[str, Any] | None:
+        """The action record of `key`, or None when that action never completed here."""
+        return _read_json(self.action(key) / "action.json")
+
+    def output_of(self, key: str) -> str | None:
+        """The output digest `key` produced, when its record and that output are both here."""
+        rec = self.record(key)
+        return rec["output"] if rec and self.has_output(rec["output"]) else None
 
     def lock(self, key: str) -> FileLock:
         return FileLock(self.root / "locks" / f"{key}.lock")
 
     def new_scratch(self, key: str) -> Path:
         scratch = self.root / "scratch" / f"{key}.{HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        (scratch / "out").mkdir(parents=True)
-        (scratch / "tmp").mkdir()
+        for sub in ("out", "info", "tmp"):
+            (scratch / sub).mkdir(parents=True)
         return scratch
 
-    def publish(self, scratch: Path, key: str, meta: dict[str, Any]) -> bool:
-        """Seal `scratch` (manifest, meta, fsync, read-only) and rename it into place.
+    def publish(self, scratch: Path, key: str, record: dict[str, Any]) -> tuple[str, bool]:
+        """Publish a finished scratch: its `out/` as an output (unless that digest is here already),
+        then the action record naming it. Returns (output digest, whether this copy was the one kept).
 
-        Returns False when an entry for `key` appeared meanwhile (the scratch is discarded).
-        The stage's `tmp/` is dropped; anything else beside `out/` and the log is refused: it
-        would be published outside the manifest, unseen by `verify` and the workspace.
+        The stage's `tmp/` is dropped; anything else beside `out/`, `info/` and the log is refused:
+        it would be published outside the manifest, unseen by `verify` and the workspace.
         """
         remove_tree(scratch / "tmp")
-        stray = sorted(p.name for p in scratch.iterdir() if p.name not in ENTRY_FILES)
+        stray = sorted(p.name for p in scratch.iterdir() if p.name not in SCRATCH_FILES)
         if stray:
             raise KilnError(f"{key[:16]}…: the stage wrote {', '.join(stray)} beside its output dir; "
-                            f"outputs go to ctx.out, scratch files to ctx.tmp (nothing was published)")
-        out = scratch / "out"
-        files = file_manifest(out)
-        meta = {**meta, "key": key, "files": files, "stat": {rel: stat_signature(out / rel) for rel in files}}
-        (scratch / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        _fsync_tree(scratch)
-        _set_read_only(scratch)
-        final = self.entry(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(scratch, final)
-        except OSError:
-            if self.has(key):
-                remove_tree(scratch)
-                return False
-            raise
-        os.chmod(final, 0o555)
-        fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return True
+                            f"outputs go to ctx.out, measurements to ctx.info, scratch files to ctx.tmp "
+                            f"(nothing was published)")
+        clash = sorted({p.name for p in (scratch / "out").iterdir()} & {p.name for p in (scratch / "info").iterdir()})
+        if clash:
+            raise KilnError(f"{key[:16]}…: {', '.join(clash)} written to both ctx.out and ctx.info; the workspace "
+                            f"shows both side by side (nothing was published)")
+        files = file_manifest(scratch / "out")
+        digest = output_digest(files)
+        kept = False
+        if not self.has_output(digest):
+            staging = scratch / "output"
+            staging.mkdir()
+            os.rename(scratch / "out", staging / "out")
+            manifest = {"digest": digest, "files": files,
+                        "stat": {rel: stat_signature(staging / "out" / rel) for rel in files}}
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            kept = _seal(staging, self.output(digest))
+        action = scratch / "action"
+        action.mkdir()
+        for name in ("info", "log.txt"):
+            if (scratch / name).exists():
+                os.rename(scratch / name, action / name)
+        # written last, after the output it names is in place
+        (action / "action.json").write_text(json.dumps({**record, "key": key, "output": digest}, indent=2,
+                                                       sort_keys=True))
+        _seal(action, self.action(key))
+        remove_tree(scratch)
+        return digest, kept
 
-    def tampered(self, key: str) -> list[str]:
-        """Files of the entry whose size, mtime or inode moved since publish (edited through a
+    def tampered(self, digest: str) -> list[str]:
+        """Files of the output whose size, mtime or inode moved since publish (edited through a
         workspace hard link, truncated, replaced); cheap: one lstat a file, no reading."""
-        recorded = self.meta(key).get("stat")
-        if recorded is None:  # published before signatures were recorded: `doit verify` rehashes it
-            return []
-        out = self.out(key)
+        out = self.out(digest)
         changed = []
-        for rel, signature in recorded.items():
+        for rel, signature in self.manifest(digest)["stat"].items():
             try:
                 if stat_signature(out / rel) != signature:
                     changed.append(rel)
@@ -169,35 +225,53 @@ class Store:
                 changed.append(rel)
         return changed
 
-    def touch(self, key: str) -> None:
-        """Record a use (gc keeps recently used entries)."""
-        try:
-            os.utime(self.entry(key))
-        except OSError:
-            pass  # read-only shared store: age falls back to build time
+    def touch(self, key: str, digest: str) -> None:
+        """Record a use (gc keeps recently used records and outputs)."""
+        for path in (self.action(key), self.output(digest)):
+            try:
+                os.utime(path)
+            except OSError:
+                pass  # read-only shared store: age falls back to build time
 
-    def last_used(self, key: str) -> float:
-        return self.entry(key).stat().st_mtime
+    @staticmethod
+    def last_used(path: Path) -> float:
+        return path.stat().st_mtime
 
-    def keys(self) -> Iterator[str]:
-        base = self.root / "entries"
+    def _listed(self, kind: str, marker: str) -> Iterator[str]:
+        base = self.root / kind
         if base.is_dir():
             for prefix in sorted(base.iterdir()):
                 for e in sorted(prefix.iterdir()):
-                    if (e / "meta.json").is_file():
+                    if (e / marker).is_file():
                         yield e.name
 
+    def outputs(self) -> Iterator[str]:
+        return self._listed("outputs", "manifest.json")
 
-    def remove(self, key: str) -> None:
-        remove_tree(self.entry(key))
+    def actions(self) -> Iterator[str]:
+        return self._listed("actions", "action.json")
 
-    def quarantine(self, key: str) -> Path:
-        dest = self.root / "quarantine" / key
+    def remove_output(self, digest: str) -> None:
+        remove_tree(self.output(digest))
+
+    def remove_action(self, key: str) -> None:
+        remove_tree(self.action(key))
+
+    def forget(self, key: str) -> None:
+        """Drop an action record and the output it names (benches and tests: make a stage build again
+        from nothing). Other records naming that output become misses."""
+        if (rec := self.record(key)) is not None:
+            remove_tree(self.output(rec["output"]))
+        self.remove_action(key)
+
+    def quarantine(self, digest: str) -> Path:
+        """Move an output out of use: records naming it become misses, and the stage builds again."""
+        dest = self.root / "quarantine" / digest
         dest.parent.mkdir(parents=True, exist_ok=True)
-        make_writable(self.entry(key))
+        make_writable(self.output(digest))
         if dest.exists():
             remove_tree(dest)
-        os.rename(self.entry(key), dest)
+        os.rename(self.output(digest), dest)
         return dest
 
     def stale_scratch(self, min_age: float = 3600.0) -> list[Path]:

@@ -1,5 +1,6 @@
 """bundle: `to_device/` with every shipped stage output, a README, `manifest.json`
-(sha256 and size of every file, stage keys, tool versions) and a deterministic
+(sha256 and size of every file, the output digest of every stage it packs, the tools that wrote
+the tarball) and a deterministic
 `<recipe>.tar.gz` (byte-identical when rebuilt from an empty store)."""
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pydantic import Field
 
 from pipeline.engine.errors import KilnError
 from pipeline.engine.materialize import link_tree
-from pipeline.engine.stage import Stage, StageContext, Strict, node_id, recipe_nodes, stage_name
+from pipeline.engine.stage import Stage, StageContext, Strict, node_id, recipe_nodes
 from pipeline.engine.store import differs_from_manifest
 from pipeline.engine.templating import TEMPLATES
 
@@ -40,7 +41,7 @@ class Bundle(Stage):
     """The device bundle and its tarball."""
 
     name = "bundle"
-    version = 3  # 3: stages' unshipped files (timings) left out
+    version = 4  # 3: stages' unshipped files (timings) left out; 4: names output digests, not action keys
     Params = BundleParams
     per_recipe = True
     tools = ("python", "zlib")
@@ -58,7 +59,6 @@ class Bundle(Stage):
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:
         own = recipe.stage_params(cls.name)
-        unshipped = {c.name: c.unshipped for c in recipe.stages}
         if own["source_date_epoch"] is None:
             own["source_date_epoch"] = int(os.environ.get("SOURCE_DATE_EPOCH", DEFAULT_EPOCH))
         return {
@@ -68,7 +68,6 @@ class Bundle(Stage):
             "target": recipe.target.model_dump(mode="json"),
             "scheme": recipe.scheme.model_dump(mode="json"),
             "places": cls.shipped(recipe),
-            "unshipped": {n: list(unshipped[stage_name(n)]) for n in cls.shipped(recipe)},
         }
 
     @classmethod
@@ -81,16 +80,16 @@ class Bundle(Stage):
         to_device.mkdir()
         for stage, src in sorted(ctx.inputs.items()):
             # what ships must be what the entry's manifest says, whatever happened to the store since
-            if bad := differs_from_manifest(src, tuple(p["unshipped"][stage])):
+            if bad := differs_from_manifest(src):
                 raise KilnError(f"bundle: {stage}'s entry does not match its manifest ({', '.join(bad[:5])}); "
                                 "run `doit verify` (quarantines it), then build again")
             place = p["places"][stage]
-            method = link_tree(src, to_device / place, ("reflink", "hardlink", "copy"), tuple(p["unshipped"][stage]))
+            method = link_tree(src, to_device / place, ("reflink", "hardlink", "copy"))
             ctx.log.info(f"adding {stage} as {place}/ ({method})")
         from pipeline.engine.templating import render
 
         readme = render(README_TEMPLATE, recipe=ctx.recipe_name, places=p["places"],
-                        keys=ctx.input_keys, **{k: p[k] for k in ("description", "model_name", "target", "scheme")})
+                        outputs=ctx.input_outputs, **{k: p[k] for k in ("description", "model_name", "target", "scheme")})
         # Shipped files are hardlinks into the store: never write through one.
         # A stage that ships its own README (the board's instructions) keeps it.
         if not (to_device / "README.md").exists():
@@ -99,8 +98,8 @@ class Bundle(Stage):
             f.relative_to(to_device).as_posix(): {"sha256": sha256_file(f), "size": f.stat().st_size}
             for f in sorted(to_device.rglob("*")) if f.is_file()
         }
-        manifest = {"recipe": ctx.recipe_name, "stage_keys": ctx.input_keys,
-                    "tools": {**ctx.input_tools, "bundle": ctx.tools}, "files": files}
+        manifest = {"recipe": ctx.recipe_name, "stage_outputs": ctx.input_outputs,
+                    "tools": ctx.tools, "files": files}  # the tar's; each stage's tools are in its action record
         (to_device / "manifest.json").unlink(missing_ok=True)
         (to_device / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         from pipeline.engine.tarball import write_tarball

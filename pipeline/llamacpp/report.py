@@ -1,6 +1,6 @@
 """report: the recipe's results in one place — perplexity table (float vs each quant
 type, held-out text) and the emulated completion — as report.md and report.json; the emulated
-llama-bench figures go to bench.md / bench.json, which stay out of the bundle (they differ on
+llama-bench figures go to bench.md / bench.json in ctx.info, outside the output (they differ on
 every build)."""
 from __future__ import annotations
 
@@ -28,9 +28,8 @@ class LlamacppReport(LlamacppStage):
     """Evaluation report (report.md, report.json)."""
 
     name = REPORT
-    version = 2  # 2: bench figures unshipped
+    version = 3  # 2: bench figures unshipped; 3: bench figures in info
     Params = NoParams
-    unshipped = ("bench.md", "bench.json")
     per_recipe = True
 
     @classmethod
@@ -62,6 +61,6 @@ class LlamacppReport(LlamacppStage):
             md += [f"## {r['type']}: completion ({r['label']})", "", "```", r["completion"].strip(), "```", ""]
         (ctx.out / "report.md").write_text("\n".join(md))
         (ctx.out / "report.json").write_text(json.dumps({"perplexity": ppl, "verify": runs}, indent=2, sort_keys=True) + "\n")
-        (ctx.out / "bench.md").write_text("\n".join(bench_md) + "\n")
-        (ctx.out / "bench.json").write_text(json.dumps(bench, indent=2, sort_keys=True) + "\n")
+        (ctx.info / "bench.md").write_text("\n".join(bench_md) + "\n")
+        (ctx.info / "bench.json").write_text(json.dumps(bench, indent=2, sort_keys=True) + "\n")
         print("\n".join(md + [""] + bench_md))

@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import blake3
 from pydantic import Field
 
 from pipeline.engine.errors import KilnError
@@ -83,15 +84,19 @@ def check_tokenizer(model_dir: Path) -> None:
                         f"tokenizers only (it would write the special tokens alone, and MNN crashes loading them)")
 
 
-def set_uuid(mnn_file: Path, key: str) -> str:
-    """Replace llm.mnn's random mnn_uuid (a 36-character string in the flatbuffer) in place."""
+def set_uuid(mnn_file: Path, weights: Path) -> str:
+    """Replace llm.mnn's random mnn_uuid (a 36-character string in the flatbuffer) in place by one
+    derived from the export's own bytes (graph with the uuid blanked, and the weights): rebuilt
+    from the same inputs it is the same file, and it never names the action key."""
     import MNN
 
     old = MNN.get_model_uuid(str(mnn_file))
     data = mnn_file.read_bytes()
     if not old or data.count(old.encode()) != 1:
         raise KilnError(f"{mnn_file.name}: cannot find its mnn_uuid {old!r} exactly once")
-    new = str(uuid.uuid5(uuid.NAMESPACE_URL, f"kiln:{key}"))
+    content = blake3.blake3(data.replace(old.encode(), b"0" * len(old)))
+    content.update_mmap(weights)
+    new = str(uuid.uuid5(uuid.NAMESPACE_URL, f"kiln:mnn:{content.hexdigest()}"))
     mnn_file.write_bytes(data.replace(old.encode(), new.encode()))
     return new
 
@@ -148,7 +153,7 @@ class MnnExport(Stage):
         tie = llm_config.get("tie_embeddings")
         if tie and p["quant_block"] and tie[-1] != p["quant_block"]:
             raise KilnError(f"llm_config.json records tie_embeddings block {tie[-1]}, not {p['quant_block']}")
-        export = {"uuid": set_uuid(ctx.out / "llm.mnn", ctx.key), "flags": flags,
+        export = {"uuid": set_uuid(ctx.out / "llm.mnn", ctx.out / "llm.mnn.weight"), "flags": flags,
                   "quant_bit": p["quant_bit"], "quant_block": p["quant_block"], "sym": p["sym"],
                   "sizes": {f: (ctx.out / f).stat().st_size for f in OUTPUTS}}
         (ctx.out / "export.json").write_text(json.dumps(export, indent=2, sort_keys=True) + "\n")

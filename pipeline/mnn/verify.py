@@ -3,7 +3,7 @@
 A fixed prompt (raw text, no chat template) is prefilled and decoded greedily by both: the report
 gives the cosine of the last prompt position's logits, whether the top-1 agrees, how many of the
 first generated tokens match; MNN's prefill and decode tokens/s (host x86 CPU, labelled: not the
-device) go to timings.json, which stays out of the bundle (it differs on every build). A chat question then goes
+device) go to timings.json in ctx.info, outside the output (it differs on every build). A chat question then goes
 through MNN's own response() (the export's chat template)
 for a readable answer. Only the runtime settings that change numerics (precision, memory,
 quant_qkv) come from mnn.config's params; threads, sampler, generation length and mmap do not
@@ -44,9 +44,8 @@ class MnnVerify(Stage):
     """MNN's engine vs the float model: logits cosine, greedy tokens, host tokens/s."""
 
     name = VERIFY
-    version = 3  # 2: greedy sampler in the config it loads; 3: timings in timings.json, not shipped, no recipe name
+    version = 4  # 2: greedy sampler in the config it loads; 3: no recipe name; 4: timings in info
     Params = MnnVerifyParams
-    unshipped = ("timings.json",)
     tools = ("python", "mnn", "torch", "transformers", "numpy")
     resource = "heavy"
     runtimes = (RUNTIME,)
@@ -113,7 +112,7 @@ class MnnVerify(Stage):
                    "prefill_tokens_per_s": round(len(ids) / mnn.prefill_s, 1),
                    "decode_tokens_per_s": round((len(mnn.tokens) - 1) / mnn.decode_s, 1) if mnn.decode_s else None}
         (ctx.out / "verify.json").write_text(json.dumps(result, indent=2) + "\n")
-        (ctx.out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        (ctx.info / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
         (ctx.out / "report.md").write_text(report_md(result))
         print((ctx.out / "report.md").read_text())
         ctx.log.info(f"MNN prefill {timings['prefill_tokens_per_s']} tokens/s, decode {timings['decode_tokens_per_s']} "

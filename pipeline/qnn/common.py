@@ -3,6 +3,7 @@ recipe asks for, the Genie values several stages key on. Stage modules import th
 other, so each stays a leaf the registry alone imports."""
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,19 @@ class GraphStage(QnnStage):
 
     tools = ("python", "torch", "transformers", "onnx", "onnxruntime", "numpy")
     resource = "heavy"
+
+
+def calibration_device(choice: str) -> str:
+    """`auto` settled at plan time (CUDA and CPU calibration give different bytes, so the device
+    enters the key): CUDA when torch is a CUDA build and an NVIDIA driver is loaded. Torch is not
+    imported: planning stays cheap."""
+    if choice != "auto":
+        return choice
+    try:
+        cuda_build = "+cpu" not in metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return "cpu"
+    return "cuda" if cuda_build and Path("/dev/nvidiactl").exists() else "cpu"
 
 
 def ar_variant(ar: int) -> str:

@@ -11,7 +11,8 @@
 4. Perplexity on held-out text, every figure through the largest AR graph step by step: float,
    the torch sim (pipeline/qnn/quant/sim.py) and the QDQ ONNX in onnxruntime. The stage fails when
    the QDQ graph and the sim disagree by more than `max_qdq_sim_gap_pct`.
-Report: quantize.json, report.md (with the export's onnxruntime-vs-HF check per graph).
+Report: quantize.json, report.md (with the export's onnxruntime-vs-HF check per graph); the run's
+timings and calibration device go to ctx.info (timings.json).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pydantic import Field
 
 from pipeline.engine.errors import KilnError
 from pipeline.engine.stage import StageContext, Strict
-from pipeline.qnn.common import EXPORT, QUANTIZE, GraphStage, export_nodes
+from pipeline.qnn.common import EXPORT, QUANTIZE, GraphStage, calibration_device, export_nodes
 
 if TYPE_CHECKING:
     from pipeline.qnn.adapted_llama import Step
@@ -118,8 +119,8 @@ class QnnQuantize(GraphStage):
         if own["encodings_version"] == "0.6.1" and blocked:
             raise KilnError(f"{recipe.where('stages', cls.name, 'encodings_version')}: stages.{cls.name}.encodings_version: "
                             f"0.6.1 cannot express the per-block weights of scheme {s.name!r}; use 1.0.0")
-        return {**own, "algorithm": s.algorithm, "context_length": recipe.spec.context_length,
-                "scheme": scheme_params(s)}
+        return {**own, "device": calibration_device(own["device"]), "algorithm": s.algorithm,
+                "context_length": recipe.spec.context_length, "scheme": scheme_params(s)}
 
     def run(self, ctx: StageContext) -> None:
         import torch
@@ -166,7 +167,7 @@ class QnnQuantize(GraphStage):
 
         cal = Calibration(hf, prompts, weight_prompts, ar, context, names_in, names_out)
         engine = _aimet_engine if scheme["engine"] == "aimet" else _kiln_engine
-        params, acts, sim_step, rows, extra = engine(ctx, cal, float_onnx, structure, algorithm)
+        params, acts, sim_step, rows, timings = engine(ctx, cal, float_onnx, structure, algorithm)
         ppl_sim = timed(f"{scheme['engine']} sim PPL", ppl, sim_step)
         act_bits = scheme["activations"]
         encodings.check_device_rules(acts, {n: q.encoding for n, q in params.items()}, scheme["kv_cache"],
@@ -189,7 +190,8 @@ class QnnQuantize(GraphStage):
         session = ort_session(ctx.out / f"{main['graph']}.qdq.onnx")
         ppl_qdq = timed("QDQ ONNX PPL (onnxruntime)", ppl, ort_step(session, names_in, names_out))
         gap = 100 * (ppl_qdq / ppl_sim - 1)
-        report = {"engine": scheme["engine"], "algorithm": algorithm, **extra,
+        report = {"engine": scheme["engine"], "algorithm": algorithm,
+                  "weight_calibration_tokens": sum(map(len, cal.weight_prompts)),
                   "ppl_float": ppl_float, "ppl_sim": ppl_sim, "ppl_qdq": ppl_qdq,
                   "delta_sim_pct": 100 * (ppl_sim / ppl_float - 1), "delta_qdq_pct": 100 * (ppl_qdq / ppl_float - 1),
                   "qdq_vs_sim_pct": gap, "eval_tokens": context * min(p["eval_windows"], len(eval_ids) // context),
@@ -197,6 +199,7 @@ class QnnQuantize(GraphStage):
                   "activation_tensors": len(acts), "graphs": graphs,
                   "weights": [{k: v for k, v in r.items() if k not in ("grid", "scale", "zero")} for r in rows]}
         (ctx.out / "quantize.json").write_text(json.dumps(report, indent=2) + "\n")
+        (ctx.info / "timings.json").write_text(json.dumps({"device": p["device"], **timings}, indent=2) + "\n")
         (ctx.out / "report.md").write_text(report_md(report))
         ctx.log.info(f"{algorithm}: PPL float {ppl_float:.4f}, sim {ppl_sim:.4f} ({report['delta_sim_pct']:+.2f}%), "
                      f"QDQ {ppl_qdq:.4f} ({report['delta_qdq_pct']:+.2f}%); QDQ vs sim {gap:+.2f}%; "
@@ -228,7 +231,7 @@ class Calibration:
                 for b in progress(self.prompts, "activation ranges", "prompt")]
 
 
-# (QuantParams by initializer, activation encodings by tensor, sim step, report rows, report extras)
+# (QuantParams by initializer, activation encodings by tensor, sim step, report rows, timings)
 EngineResult = tuple[dict[str, "QuantParam"], dict[str, "Encoding"], "Step", list[dict[str, Any]], dict[str, Any]]
 
 
@@ -239,7 +242,7 @@ def _kiln_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structur
     from pipeline.qnn.quant.flow import calibrated_sim, float16_ratio, pick_device, quantize_model
 
     p, scheme = ctx.params, ctx.params["scheme"]
-    device = pick_device(p["device"])
+    device = pick_device(p["device"])  # cpu or cuda, settled at plan time
     shapes = {i.name: tuple(i.dims) for i in structure.graph.initializer}
     rows, params, weight_seconds = quantize_model(cal.hf, scheme, algorithm, cal.weight_prompts, shapes, device)
     ctx.log.info(f"weights: {algorithm} on {device} ({len(cal.weight_prompts)} prompts, "
@@ -268,8 +271,7 @@ def _kiln_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structur
     if float16:
         ctx.log.info(f"float16 (max |x| > {ratio:g} × mean |x|): {float16} of {len(acts)} activation "
                      f"tensors in the graph, {100 * sim.float16_share():.1f}% of the sim's")
-    return params, acts, sim.step(), rows, {"device": device, "weight_seconds": round(weight_seconds, 2),
-                                            "weight_calibration_tokens": sum(map(len, cal.weight_prompts))}
+    return params, acts, sim.step(), rows, {"weight_seconds": round(weight_seconds, 2)}
 
 
 def _aimet_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structure: Any, algorithm: str) -> EngineResult:

@@ -10,7 +10,7 @@
     templates and qnn.genie_config params — pointed at the unshared binaries (the simulator cannot
     load the weight-shared one) with a greedy sampler, answers each prompt; the float model's greedy answer must match
     for `match_tokens` tokens.
-    Genie's log and its tokens/s (simulator, not phone) go into the report. The sampler is not part
+    Genie's log and its tokens/s (simulator, not phone) go to ctx.info (they differ on every run). The sampler is not part
 of this stage's key (it is replaced by greedy), so a sampler tweak does not rerun it.
 The simulator is slow (~20 s per AR-1 step and ~2 min per AR-128 step for SmolLM2-135M on two
 cores), so the defaults keep both parts short.
@@ -51,8 +51,7 @@ class QnnVerify(QnnStage):
     """Simulator numerics of the binaries and the Genie runtime's answers."""
 
     name = "qnn.verify"
-    version = 3  # 2: report.md, shipped as the bundle's report/; 3: timings and Genie's log unshipped, no recipe name
-    unshipped = ("timings.json", "genie.log")
+    version = 4  # 2: report.md, shipped as the bundle's report/; 3: no recipe name; 4: timings, Genie's log in info
     Params = QnnVerifyParams
     tools = ("python", "torch", "transformers", "onnxruntime", "onnxruntime-qnn", "numpy")
     resource = "heavy"
@@ -93,7 +92,7 @@ class QnnVerify(QnnStage):
                    "genie": [{k: a.pop(k) for k in ("seconds", "tokens_per_s_simulator")} | {"prompt": a["prompt"]}
                              for a in genie["answers"]]}
         (ctx.out / "verify.json").write_text(json.dumps(report, indent=2) + "\n")
-        (ctx.out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
+        (ctx.info / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
         (ctx.out / "report.md").write_text(report_md(p["model"], report))
         problems = []
         sim, sim_float, cpu_float = (numerics[k] for k in ("simulator_vs_cpu_qdq", "simulator_vs_float", "cpu_qdq_vs_float"))
@@ -232,7 +231,7 @@ def genie_answers(ctx: StageContext, hf: Any, tokenizer: Any) -> dict[str, Any]:
                         "match": _squeezed(expected) != "" and _squeezed(text).startswith(_squeezed(expected)),
                         "genie_tokens": tokens, "seconds": round(seconds, 1),
                         "tokens_per_s_simulator": round(tokens / seconds, 3)})
-        (ctx.out / "genie.log").open("a").write(f"--- {prompt!r}\n{d.log}\n")
+        (ctx.info / "genie.log").open("a").write(f"--- {prompt!r}\n{d.log}\n")
         ctx.log.info(f"Genie (simulator): {prompt!r} → {text!r}; float: {answers[-1]['float']!r}")
     for name in bins + ["tokenizer.json"]:
         (work / name).unlink()  # the stage output keeps only configs and logs

@@ -52,7 +52,7 @@ def test_default_recipe_end_to_end(default_project):
     time.sleep(3)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert list(store.keys()) == []
+    assert list(store.actions()) == []
     assert len(list(scratch.iterdir())) == 1
 
     # 2. the rerun takes over the dead lock, builds everything, says where the bundle is and what
@@ -87,9 +87,9 @@ def test_default_recipe_end_to_end(default_project):
     #    deterministic and shared by every SmolLM2 recipe): the quantized export and all after it are
     #    built again, to the same bytes.
     shutil.rmtree(p.artifacts)
-    for key in list(store.keys()):
-        if store.meta(key)["stage"] != "model":
-            store.remove(key)
+    for key in list(store.actions()):
+        if store.record(key)["stage"] != "model":
+            store.forget(key)
     remove_tree(p.store / "scratch")
     p.artifacts.mkdir()
     again = p.doit().stdout

@@ -79,10 +79,13 @@ def test_the_adding_a_stage_example_plans_builds_and_rekeys(tiny_project, monkey
 
     tiny_project.write("ex.yaml", "extends: tiny\nstages:\n  example.weight_stats: {top: 2}\n")
     settings = tiny_project.settings(monkeypatch)
-    specs = {s.stage: s for s in plan(load_recipe("ex", settings, (*all_stages(), WeightStats)))}
-    assert specs["example.weight_stats"].inputs == {"model": specs["model"].key}
+    planned = plan(load_recipe("ex", settings, (*all_stages(), WeightStats)))
+    specs = {s.stage: s for s in planned}
+    assert specs["example.weight_stats"].pending == "model"  # its input's output is not built yet
     for stage in ("model", "example.weight_stats"):
-        build(specs[stage], settings)
+        build(specs[stage], planned, settings)
+    specs = {s.stage: s for s in plan(load_recipe("ex", settings, (*all_stages(), WeightStats)))}
+    assert specs["example.weight_stats"].inputs == {"model": specs["model"].output}
     largest = json.loads((specs["example.weight_stats"].workspace / "weights.json").read_text())["largest"]
     assert [(r["name"], r["shape"]) for r in largest] == [("model.embed_tokens.weight", [128, 64]),
                                                           ("model.layers.0.mlp.down_proj.weight", [64, 128])]

@@ -24,11 +24,15 @@ ITERATIONS = int(os.environ.get("KILN_KILL_ITERATIONS", "20"))
 
 
 def sound(store: Store) -> None:
-    """Every entry is complete and matches its manifest; nothing half-published sits in entries/."""
-    for prefix in (store.root / "entries").glob("*"):
-        for entry in prefix.iterdir():
-            assert (entry / "meta.json").is_file(), f"partial entry {entry}"
-            assert differs_from_manifest(entry / "out") == [], f"corrupt entry {entry}"
+    """Every output is complete and matches its manifest, every action record is complete and names
+    an output that is there (or was quarantined); nothing half-published sits in the store."""
+    for output in (store.root / "outputs").glob("*/*"):
+        assert (output / "manifest.json").is_file(), f"partial output {output}"
+        assert differs_from_manifest(output / "out") == [], f"corrupt output {output}"
+    for action in (store.root / "actions").glob("*/*"):
+        assert (action / "action.json").is_file(), f"partial action record {action}"
+        digest = store.record(action.name)["output"]
+        assert store.has_output(digest) or (store.root / "quarantine" / digest).is_dir(), f"dangling {action}"
 
 
 def bundle_bytes(project) -> bytes:
@@ -45,9 +49,9 @@ def test_kill_9_at_random_moments(tiny_project, clean):
     rng = random.Random(1415)
     store = Store(tiny_project.store)
     for _ in range(ITERATIONS):
-        for key in list(store.keys()):  # make work: drop some entries (the model's too, now and then)
+        for key in list(store.actions()):  # make work: drop some entries (the model's too, now and then)
             if rng.random() < 0.6:
-                store.remove(key)
+                store.forget(key)
         proc = tiny_project.popen_doit("recipe=tiny", stdout=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.0, 3.5))
         if rng.random() < 0.5:
@@ -64,8 +68,8 @@ def test_kill_9_at_random_moments(tiny_project, clean):
 
 def test_a_full_disk_mid_stage_publishes_nothing_and_a_rerun_recovers(tiny_project, clean):
     store = Store(tiny_project.store)
-    for key in list(store.keys()):
-        store.remove(key)
+    for key in list(store.actions()):
+        store.forget(key)
 
     def small_disk() -> None:  # writes past 64 KiB fail with EFBIG, as ENOSPC would
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -75,7 +79,7 @@ def test_a_full_disk_mid_stage_publishes_nothing_and_a_rerun_recovers(tiny_proje
                           env=tiny_project.env(), capture_output=True, text=True, preexec_fn=small_disk, timeout=300)
     assert proc.returncode != 0 and "Traceback (most recent call last)" not in proc.stderr.split("kiln:")[0]
     assert "tiny:model failed" in proc.stdout + proc.stderr
-    assert list(store.keys()) == [] and list((tiny_project.store / "locks").glob("*.lock")) == []
+    assert list(store.actions()) == [] and list((tiny_project.store / "locks").glob("*.lock")) == []
     sound(store)
     tiny_project.doit("recipe=tiny")
     assert bundle_bytes(tiny_project) == clean
@@ -83,8 +87,8 @@ def test_a_full_disk_mid_stage_publishes_nothing_and_a_rerun_recovers(tiny_proje
 
 def test_a_builder_on_another_host_takes_over_a_dead_lock_after_the_heartbeat_window(tiny_project, clean):
     store = Store(tiny_project.store)
-    for key in list(store.keys()):
-        store.remove(key)
+    for key in list(store.actions()):
+        store.forget(key)
     first = tiny_project.popen_doit("recipe=tiny", stdout=subprocess.DEVNULL)
     wait_for(lambda: stage_processes(str(tiny_project.store)), 60)
     os.killpg(first.pid, signal.SIGKILL)  # host "a" crashes holding the model's lock
@@ -101,7 +105,7 @@ def test_a_builder_on_another_host_takes_over_a_dead_lock_after_the_heartbeat_wi
 @pytest.mark.parametrize("fault", ["flip", "truncate"])
 def test_a_damaged_entry_is_never_used(tiny_project, clean, fault):
     store = Store(tiny_project.store)
-    weights = next(tiny_project.store.glob("entries/*/*/out/model.safetensors"))
+    weights = next(tiny_project.store.glob("outputs/*/*/out/model.safetensors"))
     weights.chmod(0o644)
     if fault == "flip":
         st = weights.stat()
@@ -111,9 +115,9 @@ def test_a_damaged_entry_is_never_used(tiny_project, clean, fault):
             f.seek(st.st_size // 2)
             f.write(bytes([byte[0] ^ 0xFF]))
         os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # hide it from the stat signature
-        for key in list(store.keys()):
-            if store.meta(key)["stage"] == "bundle":
-                store.remove(key)  # the bundle must be packed again, from the damaged entry
+        for key in list(store.actions()):
+            if store.record(key)["stage"] == "bundle":
+                store.forget(key)  # the bundle must be packed again, from the damaged entry
         proc = tiny_project.doit("recipe=tiny", check=False)
         assert proc.returncode != 0 and "bundle: model's entry does not match its manifest" in proc.stdout
         verify = tiny_project.doit("recipe=tiny", "verify", check=False)

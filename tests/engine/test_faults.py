@@ -71,7 +71,7 @@ def test_kill_9_of_doit_takes_the_stage_process_with_it(tiny_project):
     os.kill(proc.pid, signal.SIGKILL)  # doit only, not its process group
     proc.wait()
     wait_for(lambda: not stage_processes(str(tiny_project.store)), 1.5)  # not when it would have finished
-    assert list(store.keys()) == []
+    assert list(store.actions()) == []
     out = tiny_project.doit("recipe=tiny").stdout  # the next builder takes over the dead lock at once
     assert "tiny:bundle: built" in out
 
@@ -86,5 +86,5 @@ def test_ctrl_c_is_one_line_exit_130_lock_released_nothing_published(tiny_projec
     assert lines == ["kiln: interrupted tiny:model: nothing of it was published, its lock is released; "
                      "run the same command again to resume"]
     wait_for(lambda: not stage_processes(str(tiny_project.store)), 10)
-    assert list(store.keys()) == [] and list((tiny_project.store / "locks").glob("*.lock")) == []
+    assert list(store.actions()) == [] and list((tiny_project.store / "locks").glob("*.lock")) == []
     assert not any((tiny_project.store / "scratch").iterdir())

@@ -1,4 +1,5 @@
-"""Store: atomic publish, read-only entries, locks across processes, materialize, gc, verify."""
+"""Store: outputs by digest, action records written last, dedup, atomic publish, read-only
+entries, locks across processes, materialize, gc, verify."""
 from __future__ import annotations
 
 import json
@@ -17,39 +18,67 @@ from pipeline import ROOT
 from pipeline.cli.gc import gc
 from pipeline.cli.verify import verify
 from pipeline.engine.errors import KilnError
+from pipeline.engine.keys import output_digest
 from pipeline.engine.lock import FileLock
 from pipeline.engine.materialize import materialize
-from pipeline.engine.store import Store
+from pipeline.engine.store import Store, file_manifest
 
 KEY = "ab" * 32
 
 
-def publish_one(store: Store, key: str = KEY, payload: bytes = b"hello") -> None:
+def publish_one(store: Store, key: str = KEY, payload: bytes = b"hello") -> str:
     scratch = store.new_scratch(key)
     (scratch / "out" / "sub").mkdir()
     (scratch / "out" / "sub" / "f.bin").write_bytes(payload)
-    assert store.publish(scratch, key, {"stage": "t", "material": {}})
+    (scratch / "info" / "timings.json").write_text('{"s": 1}')
+    digest, _kept = store.publish(scratch, key, {"stage": "t", "material": {}})
+    return digest
 
 
 def test_publish_is_atomic_and_read_only(tmp_path):
     store = Store(tmp_path)
-    publish_one(store)
-    entry = store.entry(KEY)
-    assert store.has(KEY) and not list((tmp_path / "scratch").iterdir())
-    f = store.out(KEY) / "sub" / "f.bin"
+    digest = publish_one(store)
+    assert store.output_of(KEY) == digest and not list((tmp_path / "scratch").iterdir())
+    f = store.out(digest) / "sub" / "f.bin"
     assert stat.S_IMODE(f.stat().st_mode) == 0o444
-    assert stat.S_IMODE(entry.stat().st_mode) == 0o555 and stat.S_IMODE(f.parent.stat().st_mode) == 0o555
-    meta = store.meta(KEY)
-    assert meta["key"] == KEY and meta["files"]["sub/f.bin"]["size"] == 5
+    assert stat.S_IMODE(store.output(digest).stat().st_mode) == 0o555 and stat.S_IMODE(f.parent.stat().st_mode) == 0o555
+    manifest = store.manifest(digest)
+    assert manifest["files"]["sub/f.bin"]["size"] == 5 and manifest["digest"] == digest
+    assert digest == output_digest(file_manifest(store.out(digest)))  # the digest is the manifest's
+    record = store.record(KEY)
+    assert record["key"] == KEY and record["output"] == digest
+    # measurements stay with the action, outside the output and its digest
+    assert (store.action(KEY) / "info" / "timings.json").is_file() and not (store.out(digest) / "timings.json").exists()
+
+
+def test_two_action_keys_with_the_same_output_share_one_copy(tmp_path):
+    store = Store(tmp_path)
+    first = publish_one(store, KEY)
+    second = publish_one(store, "cd" * 32)  # another action, byte-identical output
+    assert first == second and list(store.outputs()) == [first]
+    assert sorted(store.actions()) == sorted([KEY, "cd" * 32])
+    assert store.output_of("cd" * 32) == first
+    different = publish_one(store, "ef" * 32, b"other")
+    assert different != first and len(list(store.outputs())) == 2
 
 
 def test_second_publish_of_same_key_is_discarded(tmp_path):
     store = Store(tmp_path)
-    publish_one(store)
+    digest = publish_one(store)
     scratch = store.new_scratch(KEY)
     (scratch / "out" / "other").write_text("x")
-    assert store.publish(scratch, KEY, {}) is False
-    assert not scratch.exists() and (store.out(KEY) / "sub" / "f.bin").read_bytes() == b"hello"
+    store.publish(scratch, KEY, {})
+    assert not scratch.exists() and store.output_of(KEY) == digest  # the first record stands
+    assert (store.out(digest) / "sub" / "f.bin").read_bytes() == b"hello"
+
+
+def test_a_record_never_names_a_missing_output(tmp_path):
+    """The action record is published after its output; a record whose output went (quarantine,
+    gc) is a miss, never a half entry."""
+    store = Store(tmp_path)
+    digest = publish_one(store)
+    store.quarantine(digest)
+    assert store.record(KEY) is not None and store.output_of(KEY) is None
 
 
 WRITER = """
@@ -73,10 +102,35 @@ def test_writer_killed_by_sigkill_leaves_no_entry(tmp_path):
     proc.kill()
     proc.wait()
     store = Store(tmp_path)
-    assert not store.has(KEY) and list(store.keys()) == []
+    assert store.output_of(KEY) is None and list(store.outputs()) == [] and list(store.actions()) == []
     leftovers = list((tmp_path / "scratch").iterdir())
     assert len(leftovers) == 1
     assert store.stale_scratch(min_age=0) == leftovers  # no live lock: gc may remove it
+
+
+RACER = """
+import sys
+from pathlib import Path
+from pipeline.engine.store import Store
+store = Store(Path(sys.argv[1]))
+for i in range(int(sys.argv[3])):
+    key = sys.argv[2] + format(i, "02x") * 31
+    scratch = store.new_scratch(key)
+    (scratch / "out" / "w.bin").write_bytes(b"same bytes" * 1000)
+    store.publish(scratch, key, {"stage": "t", "material": {}})
+"""
+
+
+def test_publishers_racing_on_one_output_digest_leave_one_copy_and_every_record(tmp_path):
+    """Two processes publish the same bytes under the same and under different action keys at the
+    same time: one output, every record naming it, no scratch left."""
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), prefix, "40"], cwd=ROOT)
+             for prefix in ("aa", "aa", "bb")]
+    assert [p.wait(120) for p in procs] == [0, 0, 0]
+    store = Store(tmp_path)
+    (digest,) = store.outputs()
+    assert len(list(store.actions())) == 80 and all(store.output_of(k) == digest for k in store.actions())
+    assert not list((tmp_path / "scratch").iterdir()) and verify(tmp_path)[1] == []
 
 
 def _contend(lock_path: str, counter: str, rounds: int) -> None:
@@ -144,54 +198,78 @@ def test_live_lock_heartbeat_keeps_it_fresh(tmp_path):
 ])
 def test_materialize_methods(tmp_path, methods, expected):
     store = Store(tmp_path / "s")
-    publish_one(store)
+    out = store.out(publish_one(store))
     dest = tmp_path / "ws" / "stage"
-    used = materialize(store.out(KEY), dest, extra={"mark": "k"}, methods=methods)
+    used = materialize([out], dest, extra={"mark": "k"}, methods=methods)
     assert used == (expected or used) and used in methods
     f = dest / "sub" / "f.bin"
     assert f.read_bytes() == b"hello" and (dest / "mark").read_text() == "k"
-    src = store.out(KEY) / "sub" / "f.bin"
+    src = out / "sub" / "f.bin"
     if used == "hardlink":
         assert f.stat().st_ino == src.stat().st_ino
     if used == "symlink":
         assert f.is_symlink()
-    # replacing is atomic: a second materialize swaps the whole directory
-    materialize(store.out(KEY), dest, extra={"mark": "k2"}, methods=methods)
+    # replacing is atomic: a second materialize swaps the whole directory; trees merge
+    materialize([out, store.action(KEY) / "info"], dest, extra={"mark": "k2"}, methods=methods)
     assert (dest / "mark").read_text() == "k2" and not list(dest.parent.glob(".stage.*"))
+    assert (dest / "timings.json").is_file() and (dest / "sub" / "f.bin").is_file()
 
 
 def test_verify_quarantines_corrupted_entry(tmp_path):
     store = Store(tmp_path)
-    publish_one(store, KEY)
-    publish_one(store, "cd" * 32, b"other")
-    f = store.out(KEY) / "sub" / "f.bin"
+    bad_digest = publish_one(store, KEY)
+    good = publish_one(store, "cd" * 32, b"other")
+    f = store.out(bad_digest) / "sub" / "f.bin"
     os.chmod(f, 0o644)
     f.write_bytes(b"HELLO")
     checked, bad = verify(tmp_path)
-    assert checked == 2 and bad == [KEY]
-    assert not store.has(KEY) and (tmp_path / "quarantine" / KEY).is_dir() and store.has("cd" * 32)
+    assert checked == 2 and bad == [bad_digest]
+    assert store.output_of(KEY) is None and (tmp_path / "quarantine" / bad_digest).is_dir()
+    assert store.output_of("cd" * 32) == good
+
+
+def age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
 
 
 def test_gc_keeps_needed_entries_and_applies_age_and_budget(tiny_project, monkeypatch):
     settings = tiny_project.settings(monkeypatch)
     tiny_project.doit("recipe=tiny")
     store = Store(tiny_project.store)
-    needed = set(store.keys())
-    assert len(needed) == 2
+    needed = set(store.outputs())
+    assert len(needed) == 2 and len(list(store.actions())) == 2
     old_key, new_key = "01" * 32, "02" * 32
-    publish_one(store, old_key, b"o" * 1000)
-    publish_one(store, new_key, b"n" * 1000)
-    long_ago = time.time() - 90 * 86400
-    os.utime(store.entry(old_key), (long_ago, long_ago))
-    os.utime(store.entry(next(iter(needed))), (long_ago, long_ago))  # old but needed: kept
+    old, new = publish_one(store, old_key, b"o" * 1000), publish_one(store, new_key, b"n" * 1000)
+    age(store.output(old), 90 * 86400)
+    age(store.output(next(iter(needed))), 90 * 86400)  # old but needed: kept
+    age(store.output(new), 7200)  # past gc's grace period
+    for key in (old_key, new_key):
+        age(store.action(key), 7200)
+    assert gc(settings, tiny_project.store, 30, None, dry_run=True) == [old] and store.has_output(old)
+    assert gc(settings, tiny_project.store, 30, None) == [old]
+    assert set(store.outputs()) == needed | {new} and store.record(old_key) is None  # its record went with it
+    assert gc(settings, tiny_project.store, 30, budget_gb=0.0) == [new]
+    assert set(store.outputs()) == needed and len(list(store.actions())) == 2  # over budget, yet what recipes need stays
 
-    two_hours_ago = time.time() - 7200  # past gc's grace period
-    os.utime(store.entry(new_key), (two_hours_ago, two_hours_ago))
-    assert gc(settings, tiny_project.store, 30, None, dry_run=True) == [old_key] and store.has(old_key)
-    assert gc(settings, tiny_project.store, 30, None) == [old_key]
-    assert set(store.keys()) == needed | {new_key}
-    assert gc(settings, tiny_project.store, 30, budget_gb=0.0) == [new_key]
-    assert set(store.keys()) == needed  # over budget, yet what recipes need stays
+
+def test_gc_removes_the_old_layout_and_orphan_records(tiny_project, monkeypatch, capsys):
+    """Entries of the store layout before output digests are never read (every key changed with
+    it): gc removes them after the grace period. A record whose output was quarantined goes too."""
+    settings = tiny_project.settings(monkeypatch)
+    legacy = tiny_project.store / "entries" / "ab" / KEY
+    (legacy / "out").mkdir(parents=True)
+    (legacy / "meta.json").write_text("{}")
+    store = Store(tiny_project.store)
+    orphan = "07" * 32
+    store.quarantine(publish_one(store, orphan))
+    age(store.action(orphan), 7200)
+    gc(settings, tiny_project.store, 30, None)
+    assert (tiny_project.store / "entries").is_dir()  # within the grace period
+    age(tiny_project.store / "entries", 7200)
+    gc(settings, tiny_project.store, 30, None)
+    assert not (tiny_project.store / "entries").exists() and store.record(orphan) is None
+    assert "the store layout before output digests" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("method", ["reflink", "hardlink", "copy"])
@@ -220,14 +298,19 @@ def test_publish_drops_tmp_and_refuses_anything_beside_out(tmp_path):
     (scratch / "weights_only" / "w.onnx").write_bytes(b"w")
     with pytest.raises(KilnError, match=r"the stage wrote weights_only beside its output dir; .*ctx\.tmp"):
         store.publish(scratch, KEY, {})
-    assert not store.has(KEY) and not (scratch / "tmp").exists()
+    assert store.output_of(KEY) is None and not (scratch / "tmp").exists()
 
     (scratch / "weights_only" / "w.onnx").unlink()
     (scratch / "weights_only").rmdir()
+    (scratch / "info" / "result.txt").write_text("clash")
+    with pytest.raises(KilnError, match=r"result.txt written to both ctx.out and ctx.info"):
+        store.publish(scratch, KEY, {})
+    (scratch / "info" / "result.txt").unlink()
     (scratch / "log.txt").write_text("log")
-    assert store.publish(scratch, KEY, {})
-    assert sorted(p.name for p in store.entry(KEY).iterdir()) == ["log.txt", "meta.json", "out"]
-    assert list(store.meta(KEY)["files"]) == ["result.txt"]
+    digest, kept = store.publish(scratch, KEY, {})
+    assert kept and sorted(p.name for p in store.action(KEY).iterdir()) == ["action.json", "info", "log.txt"]
+    assert sorted(p.name for p in store.output(digest).iterdir()) == ["manifest.json", "out"]
+    assert list(store.manifest(digest)["files"]) == ["result.txt"]
 
 
 def test_doit_gc_and_python_m_pipeline_gc_agree(tiny_project, monkeypatch):
@@ -236,15 +319,14 @@ def test_doit_gc_and_python_m_pipeline_gc_agree(tiny_project, monkeypatch):
     from pipeline.cli.gc import OPTIONS
 
     tiny_project.doit("recipe=tiny")
-    old = "01" * 32
-    publish_one(Store(tiny_project.store), old)
-    two_hours_ago = time.time() - 7200  # past gc's grace period
-    os.utime(Store(tiny_project.store).entry(old), (two_hours_ago, two_hours_ago))
+    store = Store(tiny_project.store)
+    old = publish_one(store, "01" * 32)
+    age(store.output(old), 7200)  # past gc's grace period
     for argv in ([sys.executable, "-m", "pipeline", "gc", "--dry-run"],
                  [sys.executable, "-m", "doit", "-f", "dodo.py", "recipe=tiny", "gc", "--dry-run"]):
         proc = subprocess.run(argv, env=tiny_project.env(), capture_output=True, text=True, cwd=ROOT)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "gc: kept 3 entries" in proc.stdout and "would remove" not in proc.stdout  # 30 days: too young
+        assert "gc: kept 3 outputs" in proc.stdout and "would remove" not in proc.stdout  # 30 days: too young
     help_text = subprocess.run([sys.executable, "-m", "pipeline", "gc", "--help"], capture_output=True, text=True,
                                cwd=ROOT).stdout
     help_text = " ".join(help_text.split())  # argparse wraps lines
@@ -255,32 +337,31 @@ def test_doit_gc_and_python_m_pipeline_gc_agree(tiny_project, monkeypatch):
         assert default is False or f"default: {default}" in help_text
     empty = subprocess.run([sys.executable, "-m", "doit", "-f", "dodo.py", "recipe=tiny", "gc", "--max-age-days", "0"],
                            env=tiny_project.env(), capture_output=True, text=True, cwd=ROOT)
-    assert empty.returncode == 0 and f"removed {old[:16]}" in empty.stdout
+    assert empty.returncode == 0 and f"removed output {old[:16]}" in empty.stdout
     again = subprocess.run([sys.executable, "-m", "doit", "-f", "dodo.py", "recipe=tiny", "gc"], env=tiny_project.env(),
                            capture_output=True, text=True, cwd=ROOT)
     assert again.returncode == 0 and "removed" not in again.stdout
 
 
 def test_gc_spares_fresh_and_locked_entries_and_counts_hard_links_once(tiny_project, monkeypatch, capsys):
-    """Another checkout may be using an entry it just built (grace period) or rebuilding one (live
-    lock); entries sharing hard-linked files free their bytes only once the last one goes."""
+    """Another checkout may be using an output it just built (grace period) or rebuilding one (live
+    lock); outputs sharing hard-linked files free their bytes only once the last one goes."""
     settings = tiny_project.settings(monkeypatch)
     store = Store(tiny_project.store)
     fresh, locked, a, b = "03" * 32, "04" * 32, "05" * 32, "06" * 32
-    for key in (fresh, locked, a):
-        publish_one(store, key, b"x" * 1_000_000)
-    scratch = store.new_scratch(b)  # b's only file is a hard link of a's: 1 MB on disk for both
-    os.link(store.out(a) / "sub" / "f.bin", scratch / "out" / "f.bin")
-    store.publish(scratch, b, {})
-    long_ago = time.time() - 90 * 86400
+    digests = {key: publish_one(store, key, key.encode() * 100_000) for key in (fresh, locked, a)}
+    scratch = store.new_scratch(b)  # b's only file is a hard link of a's: a few hundred kB on disk for both
+    os.link(store.out(digests[a]) / "sub" / "f.bin", scratch / "out" / "f.bin")
+    digests[b], _ = store.publish(scratch, b, {})
     for key in (locked, a, b):
-        os.utime(store.entry(key), (long_ago, long_ago))
+        age(store.output(digests[key]), 90 * 86400)
     lock = store.lock(locked)
     assert lock.try_acquire()
     try:
         removed = gc(settings, tiny_project.store, 30, budget_gb=0.0)
     finally:
         lock.release()
-    assert sorted(removed) == sorted([a, b]) and store.has(fresh) and store.has(locked)
+    assert sorted(removed) == sorted([digests[a], digests[b]])
+    assert store.has_output(digests[fresh]) and store.has_output(digests[locked])
     freed = sorted(re.findall(r"\(([\d.]+) MB freed", capsys.readouterr().out))
-    assert freed == ["0.0", "1.0"]  # the shared inode's megabyte, counted once
+    assert freed == ["0.0", "6.4"]  # the shared inode's bytes, counted once

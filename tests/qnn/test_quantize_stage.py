@@ -34,7 +34,7 @@ def check_progress(project, algorithm: str) -> None:
     """Built with no terminal attached (doit's output captured): the entry's log still reports the
     sequential calibration layer by layer, with a rate and an estimate, one line per report."""
     ws = project.artifacts / "tq" / "qnn.quantize"
-    log = (Path(json.loads((ws / ".kiln-entry.json").read_text())["entry"]) / "log.txt").read_text()
+    log = Path(json.loads((ws / ".kiln-entry.json").read_text())["log"]).read_text()
     assert "\r" not in log
     assert re.search(rf"^{algorithm} weights: +100%\|#+\| 2/2 \[\d\d:\d\d<00:00, +[\d.]+(layer/s|s/layer)\]$", log, re.M), log
     assert re.search(r"^perplexity: +100%.*\| 2/2 \[\d\d:\d\d<00:00, +[\d.]+(window/s|s/window)\]$", log, re.M)
