@@ -69,7 +69,7 @@ def populate_store(base: Path, recipe: str, gb_per_stage: float, files_per_stage
     The payloads are synthetic (a no-op never reads outputs, so only their
     size matters here); publishing and materializing use Kiln's real code.
     """
-    from pipeline.engine.plan import plan
+    from pipeline.engine.plan import plan, resolved
     from pipeline.engine.runner import build
     from pipeline.engine.settings import Settings
     from pipeline.engine.store import Store
@@ -79,12 +79,13 @@ def populate_store(base: Path, recipe: str, gb_per_stage: float, files_per_stage
     settings = Settings.from_env()
     specs = plan(load_recipe(recipe, settings))
     for spec in specs:
+        spec = resolved(spec, specs)  # its inputs are published by now: its key is settled
         store = Store(spec.store)
-        if not store.has(spec.key):
+        if store.output_of(spec.key) is None:
             payload = make_payload(base / "payload" / spec.stage, int(gb_per_stage * GB), files_per_stage)
             scratch = store.new_scratch(spec.key)
             for f in payload:
                 os.link(f, scratch / "out" / f.name)
             store.publish(scratch, spec.key, {"stage": spec.stage, "material": spec.material, "synthetic": True})
-        build(spec, settings)  # a store hit: materializes the workspace
-    return specs
+        build(spec, specs, settings)  # a store hit: materializes the workspace
+    return plan(load_recipe(recipe, settings))

@@ -57,18 +57,23 @@ def wait(predicate, timeout: float = 60.0) -> float:
 
 
 def corrupt_or_partial(store: Store) -> tuple[int, int]:
+    """(outputs whose files differ from their manifest, outputs or action records half published
+    or naming an output that is not there)."""
     corrupt = partial = 0
-    for entry in (store.root / "entries").glob("*/*"):
-        if not (entry / "meta.json").is_file():
+    for output in (store.root / "outputs").glob("*/*"):
+        if not (output / "manifest.json").is_file():
             partial += 1
-        elif differs_from_manifest(entry / "out"):
+        elif differs_from_manifest(output / "out"):
             corrupt += 1
+    for action in (store.root / "actions").glob("*/*"):
+        record = store.record(action.name)
+        partial += record is None or not store.has_output(record["output"])
     return corrupt, partial
 
 
 def takeover_seconds(env: dict[str, str], store: Store, other_host: bool) -> float:
-    for key in list(store.keys()):
-        store.remove(key)
+    for key in list(store.actions()):
+        store.forget(key)
     first = doit(env, KILN_HOST_ID="host-a")
     wait(lambda: stage_running(store.root))
     os.killpg(first.pid, signal.SIGKILL)
@@ -105,9 +110,9 @@ def main() -> None:
     scratch_left = group_kills = 0
     worst = (0, 0)
     for _ in range(a.iterations):
-        for key in list(store.keys()):
+        for key in list(store.actions()):
             if rng.random() < 0.6:
-                store.remove(key)
+                store.forget(key)
         proc = doit(env)
         time.sleep(rng.uniform(0.0, 4.5))
         if rng.random() < 0.5:

@@ -26,17 +26,17 @@ def main() -> None:
     a = ap.parse_args()
     base = a.dir / "materialize"
     store = Store(base / "store")
-    if not store.has(KEY):
+    if store.output_of(KEY) is None:
         payload = make_payload(base / "payload", int(a.gb * GB), 10)
         scratch = store.new_scratch(KEY)
         for f in payload:
             os.link(f, scratch / "out" / f.name)
         store.publish(scratch, KEY, {"stage": "bench"})
-    src = store.out(KEY)
+    src = store.out(store.output_of(KEY))
     size = sum(f.stat().st_size for f in src.iterdir()) / GB
     dest = base / "ws" / "stage"
     methods: list[str] = []
-    t_mat = median_of(a.runs, lambda: methods.append(materialize(src, dest)))
+    t_mat = median_of(a.runs, lambda: methods.append(materialize([src], dest)))
     copy_dest = base / "copy"
     shutil.rmtree(copy_dest, ignore_errors=True)
     t_copy = timed(lambda: shutil.copytree(src, copy_dest))

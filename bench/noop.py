@@ -79,17 +79,28 @@ def main() -> None:
         for f in files:
             os.utime(f)
 
+    # Workspace files are hard links into the store, whose entries Kiln checks by size, mtime and
+    # inode: put the mtimes back after the md5 runs, or Kiln (rightly) quarantines them as edited.
+    mtimes = {f: os.stat(f).st_mtime_ns for f in files}
+
+    def restore() -> None:
+        for f, ns in mtimes.items():
+            os.utime(f, ns=(ns, ns))
+
     kiln_proc()
     md5_proc()  # first run records the md5s
     t_py = median_of(a.runs, lambda: subprocess.run([py, "-c", "pass"], check=True))
     t_kiln = median_of(a.runs, kiln_proc)
     t_md5 = median_of(max(1, a.runs // 2), md5_proc, touch)
+    restore()
 
     os.environ.update(env)
     in_process(ROOT / "dodo.py", [f"recipe={a.recipe}"], ROOT)  # imports once
     t_kiln_in = median_of(a.runs, lambda: in_process(ROOT / "dodo.py", [f"recipe={a.recipe}"], ROOT))
     os.environ.update(md5_env)
     t_md5_in = median_of(max(1, a.runs // 2), lambda: in_process(md5_dodo, [], base), touch)
+    restore()
+    kiln_proc()  # still a no-op: nothing of the store was touched
 
     print(f"stage outputs: {len(files)} files, {total:.2f} GB in {len(specs)} store entries")
     print(f"python start-up:                 {t_py:.3f} s")

@@ -25,6 +25,7 @@ class Project:
 
     dir: Path
     shared_store: Path | None = None  # a store several tests reuse (see tiny_htp_project)
+    root: Path = ROOT  # the Kiln checkout doit runs (tests of code edits run a copy: `repo_copy`)
 
     @property
     def recipes(self) -> Path:
@@ -58,7 +59,7 @@ class Project:
         return path
 
     def doit(self, *args: str, check: bool = True, timeout: float = 900, **extra_env: str) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "--dir", str(ROOT), *args],
+        proc = subprocess.run([sys.executable, "-m", "doit", "-f", str(self.root / "dodo.py"), "--dir", str(self.root), *args],
                               env=self.env(**extra_env), capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"doit {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -66,7 +67,7 @@ class Project:
 
     def popen_doit(self, *args: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen:
         """Start doit in its own process group (so a test can kill the whole group)."""
-        return subprocess.Popen([sys.executable, "-m", "doit", "-f", str(ROOT / "dodo.py"), "--dir", str(ROOT), *args],
+        return subprocess.Popen([sys.executable, "-m", "doit", "-f", str(self.root / "dodo.py"), "--dir", str(self.root), *args],
                                 env=self.env(), stdout=stdout, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
 
@@ -78,6 +79,18 @@ def new_project(directory: Path) -> Project:
         shutil.copytree(ROOT / "recipes" / sub, p.recipes / sub)
     p.artifacts.mkdir()
     return p
+
+
+def copy_repo(dest: Path) -> Path:
+    """A copy of this checkout's code (pipeline/, templates/, dodo.py, pyproject.toml), for tests
+    that edit Kiln's own source files without touching the real ones."""
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("pipeline", "templates"):
+        shutil.copytree(ROOT / name, dest / name, ignore=ignore)
+    for name in ("dodo.py", "pyproject.toml"):
+        shutil.copy2(ROOT / name, dest / name)
+    (dest / "artifacts").mkdir()  # doit's own database lives there
+    return dest
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ byte-identical) keeps everything downstream.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 from pipeline import ROOT
@@ -41,7 +42,11 @@ def is_plumbing(module: str) -> bool:
 
 
 def module_file(module: str) -> Path | None:
-    """The file of a Kiln module (`a.b` → a/b.py or a/b/__init__.py), None if there is none."""
+    """The file of a Kiln module: where it was imported from, else `a.b` → <repo>/a/b.py or
+    a/b/__init__.py; None if there is none."""
+    loaded = getattr(sys.modules.get(module), "__file__", None)
+    if loaded:
+        return Path(loaded)
     base = ROOT.joinpath(*module.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():

@@ -208,6 +208,12 @@ class Store:
         # written last, after the output it names is in place
         (action / "action.json").write_text(json.dumps({**record, "key": key, "output": digest}, indent=2,
                                                        sort_keys=True))
+        if self.action(key).exists() and self.output_of(key) is None:
+            # a record whose output was quarantined or removed: this build replaces it (the caller
+            # holds the key's lock; the old record is renamed away first, so no reader sees a mix)
+            stale = scratch / "stale-action"
+            make_writable(self.action(key))
+            os.rename(self.action(key), stale)
         _seal(action, self.action(key))
         remove_tree(scratch)
         return digest, kept

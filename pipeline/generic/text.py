@@ -61,7 +61,7 @@ class Text(Stage):
     """Calibration/evaluation text; settings live in the recipe's top-level `text:` section."""
 
     name = "text"
-    version = 1
+    version = 2  # 2: text.json holds the text's size only, not its source spec
     Params = NoParams
 
     runtimes = ("llama.cpp", "genie")  # those whose stages calibrate or evaluate on text
@@ -118,6 +118,8 @@ class Text(Stage):
         summary = {}
         for role, text in texts.items():
             (ctx.out / f"{role}.txt").write_text(text, encoding="utf-8")
-            summary[role] = {**ctx.params[role], "chars": len(text), "lines": text.count("\n")}
+            # what the text is, not where it came from: another range or file with the same lines
+            # gives the same output (the source spec is in the action record)
+            summary[role] = {"chars": len(text), "lines": text.count("\n")}
         (ctx.out / "text.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        ctx.log.info(f"text: {json.dumps(summary, sort_keys=True)}")
+        ctx.log.info(f"text: {json.dumps({r: {**ctx.params[r], **v} for r, v in summary.items()}, sort_keys=True)}")

@@ -79,6 +79,8 @@ def test_a_record_never_names_a_missing_output(tmp_path):
     digest = publish_one(store)
     store.quarantine(digest)
     assert store.record(KEY) is not None and store.output_of(KEY) is None
+    rebuilt = publish_one(store, KEY, b"rebuilt")  # the next build of that key replaces the record
+    assert store.output_of(KEY) == rebuilt != digest
 
 
 WRITER = """
