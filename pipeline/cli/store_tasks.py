@@ -1,14 +1,18 @@
-"""doit tasks over the store: `doit explain`, `doit gc`, `doit verify`."""
+"""doit tasks over the store: `doit explain`, `doit reproduce`, `doit gc`, `doit verify`."""
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from doit.exceptions import TaskFailed
+
 from pipeline.cli.explain import explain
 from pipeline.cli.gc import OPTIONS as GC_OPTIONS
 from pipeline.cli.gc import gc
+from pipeline.cli.reproduce import reproduce, summary
 from pipeline.cli.verify import verify
+from pipeline.engine.errors import KilnError
 from pipeline.engine.settings import Settings
 from pipeline.recipe.load import Recipe
 
@@ -18,6 +22,13 @@ def store_tasks(recipe: Recipe, settings: Settings) -> Iterator[dict[str, Any]]:
     yield {
         "basename": "explain", "doc": "which stages of recipe=X would run, and why",
         "actions": [lambda: print("\n".join(explain(recipe.name, settings)))],
+        "uptodate": [False], "verbosity": 2,
+    }
+    yield {
+        "basename": "reproduce", "doc": "rebuild recipe=X's stages in an empty store and compare every output file",
+        "params": [{"name": "stages", "long": "stages", "type": str, "default": "",
+                    "help": "comma-separated stage ids (default: every stage)"}],
+        "actions": [lambda stages: _reproduce(recipe.name, settings, stages)],
         "uptodate": [False], "verbosity": 2,
     }
     yield {
@@ -37,3 +48,12 @@ def store_tasks(recipe: Recipe, settings: Settings) -> Iterator[dict[str, Any]]:
 def _gc(settings: Settings, store: Path, max_age_days: float, budget_gb: float | None, dry_run: bool) -> None:
     """gc as a doit action: None whatever it removed (doit fails an action that returns a list)."""
     gc(settings, store, max_age_days, budget_gb, dry_run)
+
+
+def _reproduce(recipe: str, settings: Settings, stages: str) -> bool | TaskFailed:
+    try:
+        report = reproduce(recipe, settings, [s for s in stages.split(",") if s] or None)
+    except KilnError as e:
+        return TaskFailed(str(e))
+    print(summary(recipe, report))
+    return not any(report.values())

@@ -123,7 +123,7 @@ def _build(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> str:
                 outcome = "reused"
             else:
                 with _resource_slot(spec, settings):
-                    digest = _run_and_publish(spec, store, settings)
+                    digest = run_and_publish(spec, store, settings)
                 outcome = "built"
         finally:
             lock.release()
@@ -188,8 +188,9 @@ def _resource_slot(spec: StageSpec, settings: Settings) -> Iterator[None]:
         time.sleep(0.5)
 
 
-def _run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> str:
-    """Run the stage in a child process and publish what it wrote; return its output digest."""
+def run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> str:
+    """Run the stage in a child process and publish what it wrote into `store`; return its output
+    digest. The caller holds the key's lock; `spec.inputs` names outputs that are in `store`."""
     scratch = store.new_scratch(spec.key)
     assert spec.inputs is not None
     job = {
