@@ -25,7 +25,7 @@ class Project:
 
     dir: Path
     shared_store: Path | None = None  # a store several tests reuse (see tiny_htp_project)
-    root: Path = ROOT  # the Kiln checkout doit runs (tests of code edits run a copy: `repo_copy`)
+    root: Path = ROOT  # the Kiln checkout doit runs (tests of code edits run a copy: tests/checkout.py)
 
     @property
     def recipes(self) -> Path:
@@ -79,18 +79,6 @@ def new_project(directory: Path) -> Project:
         shutil.copytree(ROOT / "recipes" / sub, p.recipes / sub)
     p.artifacts.mkdir()
     return p
-
-
-def copy_repo(dest: Path) -> Path:
-    """A copy of this checkout's code (pipeline/, templates/, dodo.py, pyproject.toml), for tests
-    that edit Kiln's own source files without touching the real ones."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("pipeline", "templates"):
-        shutil.copytree(ROOT / name, dest / name, ignore=ignore)
-    for name in ("dodo.py", "pyproject.toml"):
-        shutil.copy2(ROOT / name, dest / name)
-    (dest / "artifacts").mkdir()  # doit's own database lives there
-    return dest
 
 
 @pytest.fixture

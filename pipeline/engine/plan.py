@@ -98,8 +98,13 @@ def resolve(specs: list[StageSpec], assume: dict[str, str] | None = None) -> lis
 
 
 def resolved(spec: StageSpec, specs: list[StageSpec]) -> StageSpec:
-    """`spec` as it plans now (its inputs may have been built since the plan was made)."""
-    return next(s for s in resolve(specs) if s.stage == spec.stage)
+    """`spec` as it plans now (its inputs may have been built since the plan was made): only it and
+    its ancestors are settled, so checking every stage of a no-op stays linear-ish."""
+    wanted = {spec.stage}
+    for s in reversed(specs):
+        if s.stage in wanted:
+            wanted.update(s.input_nodes)
+    return next(s for s in resolve([s for s in specs if s.stage in wanted]) if s.stage == spec.stage)
 
 
 def plan(recipe: Recipe, cache: StatCache | None = None) -> list[StageSpec]:

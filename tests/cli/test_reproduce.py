@@ -5,9 +5,8 @@ import re
 import subprocess
 import sys
 
-from conftest import copy_repo
-
 from pipeline.engine.store import Store
+from tests.checkout import copy_checkout
 
 
 def reproduce(project, *args: str) -> subprocess.CompletedProcess:
@@ -28,8 +27,19 @@ def test_a_deterministic_recipe_reproduces_and_the_store_is_left_as_it_was(tiny_
     assert "reproduce tiny: 1 of 1 stages identical" in via_doit
 
 
+def test_no_output_names_an_action_key(tiny_project):
+    """Outputs are addressed by content; an action key written into one (a uuid from it, a manifest
+    listing keys) would make every rebuild a new output and stop early cutoff."""
+    tiny_project.doit("recipe=tiny")
+    store = Store(tiny_project.store)
+    keys = [k.encode() for k in store.actions()] + [k[:16].encode() for k in store.actions()]
+    files = [f for d in store.outputs() for f in store.out(d).rglob("*") if f.is_file()]
+    assert len(files) > 5 and len(keys) == 4
+    assert [f.name for f in files if any(k in f.read_bytes() for k in keys)] == []
+
+
 def test_a_timestamp_in_an_output_is_found_with_its_file_and_offset(tiny_project, tmp_path):
-    tiny_project.root = copy_repo(tmp_path / "checkout")
+    tiny_project.root = copy_checkout(tmp_path / "checkout")
     source = tiny_project.root / "pipeline" / "generic" / "model.py"
     text = source.read_text()
     assert text.count('"architecture": ') == 1

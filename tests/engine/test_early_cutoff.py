@@ -10,13 +10,14 @@ import json
 import re
 
 import pytest
-from conftest import copy_repo, tiny_htp_recipe
+from conftest import tiny_htp_recipe
 
 from pipeline.engine import tools
 from pipeline.engine.plan import plan
 from pipeline.engine.runner import build
 from pipeline.engine.store import Store
 from pipeline.registry import load_recipe
+from tests.checkout import copy_checkout
 
 
 def built(out: str) -> list[str]:
@@ -29,7 +30,7 @@ def mark(project, recipe: str, stage: str) -> dict:
 
 @pytest.fixture
 def copied(tiny_project, tmp_path):
-    tiny_project.root = copy_repo(tmp_path / "checkout")
+    tiny_project.root = copy_checkout(tmp_path / "checkout")
     return tiny_project
 
 
@@ -119,7 +120,7 @@ def test_a_text_range_selecting_the_same_lines_and_a_gate_threshold_rebuild_one_
 def test_two_checkouts_racing_on_one_output_digest_share_it(tiny_project, tmp_path):
     """This checkout and an edited copy (a comment: another action key for the model, same bytes)
     build into one store at the same time: each key built once, one copy of the model's output."""
-    edited = copy_repo(tmp_path / "edited")
+    edited = copy_checkout(tmp_path / "edited")
     append(edited / "pipeline" / "generic" / "model.py", "# racing\n")
     procs = [tiny_project.popen_doit("recipe=tiny")]
     tiny_project.root = edited
