@@ -95,7 +95,7 @@ def reproduce(recipe_name: str, settings: Settings, stages: list[str] | None = N
             for digest in (spec.inputs or {}).values():
                 _seed(temp, store, digest)
             say(f"reproduce: {spec.stage}: rebuilding in an empty store")
-            trial: StageSpec = replace(spec, store=temp.root, workspace=root / "workspace" / spec.stage)
+            trial: StageSpec = replace(spec, store=temp.root)  # a failure's log still lands in the workspace's logs/
             lock = temp.lock(spec.key)
             lock.acquire()
             try:

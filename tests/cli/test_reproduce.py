@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.engine.store import Store
 from tests.checkout import copy_checkout
 
@@ -38,6 +40,7 @@ def test_no_output_names_an_action_key(tiny_project):
     assert [f.name for f in files if any(k in f.read_bytes() for k in keys)] == []
 
 
+@pytest.mark.slow
 def test_a_timestamp_in_an_output_is_found_with_its_file_and_offset(tiny_project, tmp_path):
     tiny_project.root = copy_checkout(tmp_path / "checkout")
     source = tiny_project.root / "pipeline" / "generic" / "model.py"

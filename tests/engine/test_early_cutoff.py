@@ -69,6 +69,7 @@ def test_a_comment_in_a_stage_rebuilds_it_alone_and_explain_says_so(copied):
     assert built(p.doit("recipe=tiny").stdout) == []
 
 
+@pytest.mark.slow
 def test_when_the_bytes_differ_everything_downstream_rebuilds(copied):
     p = copied
     p.doit("recipe=tiny")
@@ -96,6 +97,7 @@ def test_a_tool_version_change_rebuilds_the_stage_that_lists_it_and_stops(tiny_p
     assert build(bundle, specs, settings) == "hit"  # the model's bytes did not change: same bundle key
 
 
+@pytest.mark.slow
 def test_a_text_range_selecting_the_same_lines_and_a_gate_threshold_rebuild_one_stage(tiny_htp_project):
     """`text.calibration.kjv` Gen1:1-50:40 names the same verses as 1-50:26 (Genesis 50 has 26);
     `qnn.quantize.max_qdq_sim_gap_pct` is a gate, not written into the output."""
@@ -117,6 +119,7 @@ def test_a_text_range_selecting_the_same_lines_and_a_gate_threshold_rebuild_one_
     assert re.search(r"tq:qnn.quantize: same output as before", out)
 
 
+@pytest.mark.slow
 def test_two_checkouts_racing_on_one_output_digest_share_it(tiny_project, tmp_path):
     """This checkout and an edited copy (a comment: another action key for the model, same bytes)
     build into one store at the same time: each key built once, one copy of the model's output."""

@@ -20,7 +20,7 @@ from pipeline import ROOT
 from pipeline.engine.store import Store, differs_from_manifest
 
 pytestmark = pytest.mark.slow
-ITERATIONS = int(os.environ.get("KILN_KILL_ITERATIONS", "20"))
+ITERATIONS = int(os.environ.get("KILN_KILL_ITERATIONS", "10"))  # bench/kill_campaign.py runs 200
 
 
 def sound(store: Store) -> None:

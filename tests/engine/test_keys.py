@@ -173,3 +173,28 @@ def test_planning_is_deterministic_across_processes(name):
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")]
     first, second = (json.loads(r) for r in runs)
     assert first == second and len(first) > 3
+
+
+def test_a_stages_code_is_its_module_and_the_kiln_modules_it_imports(tmp_path):
+    """Function-level imports count (stages import their helpers inside `run`); `if TYPE_CHECKING:`
+    imports and engine plumbing do not."""
+    from pipeline.engine.code import code_hashes
+
+    code = code_hashes("pipeline.qnn.quantize", StatCache(tmp_path / "c.json"))
+    assert {"pipeline.qnn.quantize", "pipeline.qnn.common", "pipeline.qnn.quant.flow", "pipeline.qnn.quant.qdq",
+            "pipeline.qnn.adapted_llama", "pipeline.qnn.quant"} <= set(code)  # quant/__init__ runs too
+    assert not {m for m in code if m.startswith(("pipeline.engine.stage", "pipeline.engine.errors", "pipeline.recipe"))}
+    assert all(h.startswith("blake3:") for h in code.values())
+    assert "pipeline.engine.tarball" in code_hashes("pipeline.generic.bundle", StatCache(tmp_path / "c.json"))
+
+
+def test_import_parsing_resolves_relative_and_from_imports():
+    from pipeline.engine.code import imported_modules
+
+    source = ("from __future__ import annotations\nfrom typing import TYPE_CHECKING\nimport json\n"
+              "from pipeline.qnn import genie\nfrom . import common\nfrom .quant import flow\n"
+              "if TYPE_CHECKING:\n    from pipeline.qnn import qairt\nelse:\n    import pipeline.qnn.ort_qnn\n"
+              "def run():\n    from pipeline.qnn.quant.qdq import build_qdq\n")
+    assert imported_modules(source, "pipeline.qnn.example", False) == [
+        "pipeline.qnn.common", "pipeline.qnn.genie", "pipeline.qnn.ort_qnn", "pipeline.qnn.quant",
+        "pipeline.qnn.quant.flow", "pipeline.qnn.quant.qdq"]
