@@ -20,6 +20,7 @@ _CHUNK = 1 << 20
 _TIMESTAMP = re.compile(rb"(19|20)\d\d-\d\d-\d\d|\b1[6-9]\d{8}(\.\d+)?\b")
 _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _PATH = re.compile(rb"/(tmp|home|root|work|scratch)/")
+_TIMING = re.compile(rb"second|elapsed|duration|_s\"|_ms\"|per_s|timing", re.I)
 _BINARY = (".bin", ".onnx", ".data", ".gguf", ".safetensors", ".weight", ".mnn")
 
 
@@ -45,6 +46,8 @@ def hint(name: str, stored: bytes, rebuilt: bytes) -> str:
         return "a random id? (derive it from the content)"
     if _TIMESTAMP.search(both):
         return "a timestamp? (write it to ctx.info, or derive it from SOURCE_DATE_EPOCH)"
+    if _TIMING.search(both):
+        return "a timing? (measurements of the run go to ctx.info)"
     if _PATH.search(both):
         return "a path? (scratch and workspace paths differ per build; write relative names)"
     if name.endswith(_BINARY):
@@ -61,7 +64,7 @@ def compare(stored: Path, rebuilt: Path) -> list[str]:
     for rel in sorted(old & new):
         offset = first_difference(stored / rel, rebuilt / rel)
         if offset is not None:
-            window = slice(max(0, offset - 32), offset + 32)
+            window = slice(max(0, offset - 160), offset + 48)  # the key a JSON value sits under is before it
             a, b = (stored / rel).read_bytes()[window], (rebuilt / rel).read_bytes()[window]
             lines.append(f"{rel}: differs at byte {offset} (hint: {hint(rel, a, b)})")
     return lines

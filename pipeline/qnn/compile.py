@@ -51,7 +51,8 @@ class QnnCompile(GraphStage):
     """HTP context binaries: one weight-shared (ships) and one per AR graph (simulator)."""
 
     name = COMPILE
-    version = 3  # 2: RMSNorm fused into one op (float16 overflow on HTP otherwise); 3: reproducible graph names
+    version = 4  # 2: RMSNorm fused into one op (float16 overflow on HTP otherwise); 3: reproducible graph names;
+    # 4: compile timings in ctx.info, not compile.json
     Params = QnnCompileParams
     tools = ("python", "onnx", "onnxruntime", "onnxruntime-qnn", "numpy")
 
@@ -121,9 +122,10 @@ class QnnCompile(GraphStage):
             binaries[rel] = {"bytes": b.stat().st_size, "soc_model": info.get("soc_model"),
                              "graphs": {g["name"]: {"ar": _ar_of(g)} for g in info["graphs"]}, "info": info}
         report = {"provider": p["provider"], "soc": p["soc"], "soc_model": p["soc_model"], "htp_arch": p["htp_arch"],
-                  "provider_options": options, "seconds": timings, "binaries": binaries, "problems": problems}
+                  "provider_options": options, "binaries": binaries, "problems": problems}
         (ctx.out / "io.json").write_text(json.dumps(io, indent=2) + "\n")
         (ctx.out / "compile.json").write_text(json.dumps(report, indent=2) + "\n")
+        (ctx.info / "timings.json").write_text(json.dumps({"seconds": timings}, indent=2) + "\n")  # not the output
         shared = binaries[f"shared/{SHARED_BIN}"]
         ctx.log.info(f"shared binary: {shared['bytes'] / 1e6:.1f} MB, soc_model {shared['soc_model']}, graphs "
                      + ", ".join(f"{n} (AR-{g['ar']})" for n, g in shared["graphs"].items()))

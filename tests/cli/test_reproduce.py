@@ -61,3 +61,25 @@ def test_unknown_or_unbuilt_stages_are_clear_errors(tiny_project):
     tiny_project.doit("recipe=tiny")
     proc = reproduce(tiny_project, "tiny", "--stages", "model,nope")
     assert proc.returncode == 2 and "nope not in recipe tiny (its stages: model, bundle)" in proc.stderr
+
+
+def test_hints_name_the_usual_causes(tmp_path):
+    from pipeline.cli.reproduce import compare
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    samples = {"compile.json": ('{"seconds": {"graph": 35.3}}', '{"seconds": {"graph": 19.9}}', "a timing?"),
+               "export.json": ('{"uuid": "1b4e28ba-2fa1-11d2-883f-0016d3cca427"}',
+                               '{"uuid": "6fa459ea-ee8a-3ca4-894e-db77e160355e"}', "a random id?"),
+               "w.bin": ("\x00\x01\x02\x03", "\x00\x01\x02\x04", "float order?")}
+    for root in (a, b):
+        root.mkdir()
+    for name, (old, new, _) in samples.items():
+        (a / name).write_text(old)
+        (b / name).write_text(new)
+    (a / "same.txt").write_text("x")
+    (b / "same.txt").write_text("x")
+    lines = compare(a, b)
+    assert len(lines) == 3
+    for line, (name, (old, new, why)) in zip(lines, sorted(samples.items())):
+        offset = next(i for i, (x, y) in enumerate(zip(old, new)) if x != y)
+        assert line.startswith(f"{name}: differs at byte {offset} (hint: {why}"), line
