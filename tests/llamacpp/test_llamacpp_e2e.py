@@ -95,9 +95,11 @@ def test_store_entries_are_untouched_by_the_build(rk, monkeypatch):
     from pipeline.registry import load_recipe
 
     project, _ = rk
-    keys = {s.key for s in plan(load_recipe(RECIPE, project.settings(monkeypatch)))}
-    checked, bad = verify(project.store.resolve(), only=keys)
-    assert checked == len(keys) == 19 and bad == []
+    specs = plan(load_recipe(RECIPE, project.settings(monkeypatch)))
+    outputs = {s.output for s in specs}
+    assert None not in outputs and len(specs) == 19
+    checked, bad = verify(project.store.resolve(), only=outputs)
+    assert checked == len(outputs) and bad == []
 
 
 def test_imatrix_option_quantizes_with_calibration_text(rk):
