@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -66,10 +67,12 @@ class Project:
         return proc
 
     def popen_doit(self, *args: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen:
-        """Start doit in its own process group (so a test can kill the whole group)."""
+        """Start doit in its own process group (so a test can kill the whole group), with Ctrl-C's
+        SIGINT handled as in a terminal even when the test run itself ignores it (a shell runs a
+        background job, `cmd &`, with SIGINT ignored, and that is inherited)."""
         return subprocess.Popen([sys.executable, "-m", "doit", "-f", str(self.root / "dodo.py"), "--dir", str(self.root), *args],
                                 env=self.env(), stdout=stdout, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def new_project(directory: Path) -> Project:
