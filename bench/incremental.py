@@ -67,7 +67,7 @@ def _store_of(checkout: Path) -> Path:
 def run(recipe: str, tweaks: list[str], checkout: Path, recipes: Path) -> None:
     from pipeline.engine import tools
     from pipeline.engine.plan import plan
-    from pipeline.engine.runner import build, workspace_mark
+    from pipeline.engine.runner import build, downstream, workspace_mark
     from pipeline.engine.settings import Settings
     from pipeline.engine.store import Store
     from pipeline.registry import load_recipe
@@ -131,10 +131,7 @@ def run(recipe: str, tweaks: list[str], checkout: Path, recipes: Path) -> None:
                 fed.append(stage)
         minimal = touched + fed
         specs = plan(load_recipe(name, settings))
-        strict = {s.stage for s in specs if s.stage in touched}
-        for s in specs:  # plan order: inputs first
-            if strict & set(s.input_nodes):
-                strict.add(s.stage)
+        strict = set(touched) | {d.stage for t in touched for d in downstream(t, specs)}
         rows.append((tweak, rebuilt, minimal, sorted(strict), seconds))
         print(f"\n{tweak}: rebuilt {len(rebuilt)} in {seconds:.0f} s: {rebuilt}\n"
               f"  minimal {len(minimal)}: touched {touched}, inputs' bytes changed {fed}\n"

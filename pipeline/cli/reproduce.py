@@ -13,7 +13,7 @@ from pipeline.engine.materialize import link_tree
 from pipeline.engine.plan import StageSpec, plan
 from pipeline.engine.runner import run_and_publish, say
 from pipeline.engine.settings import Settings
-from pipeline.engine.store import Store, remove_tree
+from pipeline.engine.store import Store, output_files, remove_tree
 from pipeline.registry import load_recipe
 
 _CHUNK = 1 << 20
@@ -57,8 +57,7 @@ def hint(name: str, stored: bytes, rebuilt: bytes) -> str:
 
 def compare(stored: Path, rebuilt: Path) -> list[str]:
     """Differences between two outputs' `out/` trees, one line per file, first the earliest."""
-    files = lambda root: {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}  # noqa: E731
-    old, new = files(stored), files(rebuilt)
+    old, new = ({p.relative_to(root).as_posix() for p in output_files(root)} for root in (stored, rebuilt))
     lines = [f"{rel}: only in the stored output" for rel in sorted(old - new)]
     lines += [f"{rel}: only in the rebuilt output" for rel in sorted(new - old)]
     for rel in sorted(old & new):

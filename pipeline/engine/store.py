@@ -81,7 +81,8 @@ def stat_signature(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
-def _files(root: Path) -> list[Path]:
+def output_files(root: Path) -> list[Path]:
+    """Every regular file under `root` (symlinks left out), sorted: what a manifest covers."""
     return [p for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()]
 
 
@@ -90,7 +91,7 @@ def file_manifest(out: Path) -> dict[str, dict[str, Any]]:
     return {
         p.relative_to(out).as_posix(): {"size": p.stat().st_size, "blake3": hash_file_bytes(p),
                                         "exec": bool(p.stat().st_mode & stat.S_IXUSR)}
-        for p in _files(out)
+        for p in output_files(out)
     }
 
 
@@ -98,7 +99,7 @@ def differs_from_manifest(out: Path) -> list[str]:
     """Files of an output's `out/` whose bytes are not what its manifest recorded at publish (or
     that were added since): re-read and hashed, for what leaves the store (bundles)."""
     recorded = json.loads((out.parent / "manifest.json").read_text())["files"]
-    present = {p.relative_to(out).as_posix() for p in _files(out)}
+    present = {p.relative_to(out).as_posix() for p in output_files(out)}
     bad = [rel for rel in sorted(recorded)
            if rel not in present or hash_file_bytes(out / rel) != recorded[rel]["blake3"]]
     return bad + sorted(present - set(recorded))
