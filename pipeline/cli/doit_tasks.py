@@ -13,6 +13,7 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
+from pipeline.cli.costs import write_page
 from pipeline.engine.errors import KilnError
 from pipeline.engine.plan import StageSpec, plan
 from pipeline.engine.run_stage import stage_entry
@@ -52,6 +53,7 @@ def _action(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> Any:
             say(f"bundle ready: {settings.shown(spec.workspace / 'to_device')} (tarball {settings.shown(tar)})")
             for line in headlines(specs):
                 say(line)
+            say(f"stage costs: {settings.shown(write_page(spec.recipe, specs, settings))}")
         return None
     return run
 

@@ -2,6 +2,7 @@
 what the last build of each did."""
 from __future__ import annotations
 
+from pipeline.engine.cost import describe
 from pipeline.engine.keys import causes, diff
 from pipeline.engine.plan import StageSpec, plan, resolve
 from pipeline.engine.runner import downstream, is_up_to_date, workspace_mark
@@ -40,7 +41,8 @@ def explain_stage(spec: StageSpec, specs: list[StageSpec], speculative: dict[str
             return line + f"; kept if {spec.pending} comes out as before"
         return line + "; will run"
     if is_up_to_date(spec, specs):
-        return f"{head}: up to date" + _last_build(spec, store)
+        cost = describe((store.record(spec.key) or {}).get("cost"))
+        return f"{head}: up to date" + (f" (cost {cost})" if cost else "") + _last_build(spec, store)
     if spec.output is not None:
         return f"{head}: store hit (built on {(store.record(spec.key) or {}).get('host', '?')}); will link it"
     mark = workspace_mark(spec)

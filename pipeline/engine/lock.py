@@ -27,7 +27,7 @@ HOST = re.sub(r"[^A-Za-z0-9._-]", "-", os.environ.get("KILN_HOST_ID") or socket.
 STALE_AFTER = float(os.environ.get("KILN_LOCK_STALE_AFTER") or 60.0)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -94,7 +94,7 @@ class FileLock:
         except FileNotFoundError:
             return None
         if owner and owner.get("host") == HOST and isinstance(owner.get("pid"), int):
-            dead = not _pid_alive(owner["pid"]) or age > self.stale_after
+            dead = not pid_alive(owner["pid"]) or age > self.stale_after
         else:
             # Unreadable (being written) or another host's: only the heartbeat tells.
             dead = age > self.stale_after

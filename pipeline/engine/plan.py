@@ -42,6 +42,7 @@ class StageSpec:
     input_nodes: tuple[str, ...]  # node ids whose outputs it reads
     source_paths: dict[str, str]  # source name → path (not part of the key)
     resource: str
+    memory: int                   # expected peak RSS in bytes (0 = not declared)
     store: Path
     workspace: Path
     blocked: str | None = None    # why this stage cannot run here
@@ -139,7 +140,8 @@ def plan(recipe: Recipe, cache: StatCache | None = None) -> list[StageSpec]:
             stage=nid, name=cls.name, entry=f"{cls.__module__}:{cls.__qualname__}", variant=variant,
             recipe=recipe.name, static=static, input_nodes=input_nodes,
             source_paths={n: str(p) for n, p in source_paths.items()},
-            resource=cls.resource, store=store, workspace=settings.artifacts / recipe.name / nid,
+            resource=cls.resource, memory=cls.peak_memory(recipe, variant) or 0, store=store,
+            workspace=settings.artifacts / recipe.name / nid,
             blocked=blocked,
         ))
     if own_cache:

@@ -18,8 +18,19 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
+from pipeline.engine.cost import (
+    Cost,
+    MemoryLedger,
+    TreeSampler,
+    describe,
+    human_bytes,
+    memory_budget,
+    tree_bytes,
+    wait_rusage,
+)
 from pipeline.engine.errors import KilnError, StageFailed
 from pipeline.engine.lock import HOST, FileLock
 from pipeline.engine.materialize import materialize
@@ -168,7 +179,23 @@ def _materialize(spec: StageSpec, store: Store, digest: str, force: bool = False
 
 @contextmanager
 def _resource_slot(spec: StageSpec, settings: Settings) -> Iterator[None]:
-    """Heavy stages take one of `heavy_slots` machine-wide slots (doit -n N on one host)."""
+    """A stage that declares its peak memory reserves it in the machine's ledger first; a heavy
+    stage then takes one of `heavy_slots` machine-wide slots (doit -n N on one host)."""
+    if spec.memory:
+        ledger = MemoryLedger(settings.artifacts / ".locks", memory_budget(settings.memory_gb))
+        if spec.memory > ledger.budget:
+            say(f"{spec.task_name}: expects {human_bytes(spec.memory)} of memory, more than the budget "
+                f"({human_bytes(ledger.budget)}): it runs alone")
+        with ledger.reserved(spec.memory, spec.task_name, lambda msg: say(f"{spec.task_name}: {msg}")):
+            with _heavy_slot(spec, settings):
+                yield
+        return
+    with _heavy_slot(spec, settings):
+        yield
+
+
+@contextmanager
+def _heavy_slot(spec: StageSpec, settings: Settings) -> Iterator[None]:
     if spec.resource != "heavy":
         yield
         return
@@ -207,7 +234,7 @@ def run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> str:
     say(f"{spec.task_name}: building key {spec.key[:16]}…")
     start = time.time()
     try:
-        rc, tail = _run_child([sys.executable, "-m", "pipeline.engine.run_stage", str(job_file)], log_path, settings,
+        rc, tail, cost = _run_child([sys.executable, "-m", "pipeline.engine.run_stage", str(job_file)], log_path, settings,
                               {"TMPDIR": str(scratch / "tmp")})  # tools' temporary files stay in the scratch, too
     except KeyboardInterrupt:
         remove_tree(scratch)
@@ -222,10 +249,12 @@ def run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> str:
             f"{spec.task_name} failed (exit {rc}) after {duration:.1f}s; log: {settings.shown(failed_log)}\n"
             + "".join(f"  | {line}\n" for line in tail)
         )
+    cost = replace(cost, output_bytes=tree_bytes(scratch / "out"), scratch_bytes=tree_bytes(scratch / "tmp"))
     record = {
         "stage": spec.stage, "recipe": spec.recipe, "material": spec.material,
         "sources": spec.source_paths, "host": HOST, "pid": os.getpid(),
         "start": start, "duration_s": round(duration, 3), "exit_status": rc, "log": "log.txt",
+        "cost": cost.as_dict(),
     }
     try:
         digest, kept = store.publish(scratch, spec.key, record)
@@ -233,13 +262,15 @@ def run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> str:
         remove_tree(scratch)
         raise StageFailed(f"{spec.task_name}: {e}") from None
     shared = "" if kept else " (an identical output was already stored: shared)"
-    say(f"{spec.task_name}: done in {duration:.1f}s, output {digest[:16]}…{shared} "
+    say(f"{spec.task_name}: done in {duration:.1f}s ({describe(cost.as_dict())}), output {digest[:16]}…{shared} "
         f"(log: {settings.shown(store.action(spec.key) / 'log.txt')})")
     return digest
 
 
-def _run_child(argv: list[str], log_path: Path, settings: Settings, extra_env: dict[str, str]) -> tuple[int, list[str]]:
-    """Run argv (never a shell), tee its output to the console and `log_path`; return (rc, last lines)."""
+def _run_child(argv: list[str], log_path: Path, settings: Settings,
+               extra_env: dict[str, str]) -> tuple[int, list[str], Cost]:
+    """Run argv (never a shell), tee its output to the console and `log_path`; return (rc, last
+    lines, what it cost)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(settings.root),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", RUNNER_PID_ENV: str(os.getpid()), **extra_env}
     # progress bars redraw often on a terminal, seldom into a CI log (engine/progress.py)
@@ -251,12 +282,15 @@ def _run_child(argv: list[str], log_path: Path, settings: Settings, extra_env: d
                                 stdin=subprocess.DEVNULL, env=env, cwd=settings.root, start_new_session=True)
         assert proc.stdout is not None
         buf = b""
+        start = time.monotonic()
         try:
-            while chunk := proc.stdout.read1(65536):
-                log.write(chunk.replace(b"\r", b"\n"))  # a progress bar's redraws: one line each in the log
-                os.write(1, chunk)  # fd 1: doit swaps sys.stdout for its own writer
-                buf = (buf + chunk)[-8192:]
-            rc = proc.wait()
+            with TreeSampler(proc.pid) as sampler:
+                while chunk := proc.stdout.read1(65536):
+                    log.write(chunk.replace(b"\r", b"\n"))  # a progress bar's redraws: one line each in the log
+                    os.write(1, chunk)  # fd 1: doit swaps sys.stdout for its own writer
+                    buf = (buf + chunk)[-8192:]
+                rc, usage = wait_rusage(proc)
+            cost = Cost.measured(time.monotonic() - start, usage, sampler.peak)
         except BaseException:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -264,4 +298,4 @@ def _run_child(argv: list[str], log_path: Path, settings: Settings, extra_env: d
     for line in buf.decode(errors="replace").replace("\r", "\n").splitlines():
         if line.strip():
             tail.append(line)
-    return rc, list(tail)
+    return rc, list(tail), cost

@@ -3,6 +3,8 @@
 KILN_RECIPES   recipes directory            (default: <repo>/recipes)
 KILN_ARTIFACTS workspace root               (default: <repo>/artifacts)
 KILN_STORE     content-addressed store      (default: [tool.kiln].store; never a recipe's choice)
+KILN_MEMORY_GB memory the stages that declare their peak may reserve together
+               (default: [tool.kiln].memory_gb, else 90% of physical memory)
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import ROOT
+from pipeline.engine.errors import KilnError
 
 
 @cache
@@ -29,6 +32,7 @@ class Settings:
     artifacts: Path
     default_recipe: str
     heavy_slots: int
+    memory_gb: float | None = None
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -39,6 +43,7 @@ class Settings:
             artifacts=Path(os.environ.get("KILN_ARTIFACTS", ROOT / "artifacts")).resolve(),
             default_recipe=os.environ.get("KILN_DEFAULT_RECIPE", conf.get("default_recipe", "")),
             heavy_slots=int(os.environ.get("KILN_HEAVY_SLOTS", conf.get("heavy_slots", 1))),
+            memory_gb=_memory_gb(os.environ.get("KILN_MEMORY_GB") or conf.get("memory_gb")),
         )
 
     def store_dir(self) -> Path:
@@ -54,3 +59,16 @@ class Settings:
             return str(path.resolve().relative_to(Path.cwd()))
         except ValueError:
             return str(path)
+
+
+def _memory_gb(value: Any) -> float | None:
+    if value in (None, ""):
+        return None
+    try:
+        gb = float(value)
+    except (TypeError, ValueError):
+        gb = -1.0
+    if not 0.5 <= gb <= 1 << 20:
+        raise KilnError(f"KILN_MEMORY_GB / [tool.kiln].memory_gb: {str(value)[:40]!r} is not a size in GB "
+                        f"(0.5 to 1048576)")
+    return gb

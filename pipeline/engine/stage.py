@@ -124,6 +124,12 @@ class Stage:
         return cls.tools
 
     @classmethod
+    def peak_memory(cls, recipe: Recipe, variant: str) -> int | None:
+        """Expected peak RSS in bytes, when it can be told from the recipe (the runner keeps stages
+        that would not fit together from running at once); None = not declared."""
+        return None
+
+    @classmethod
     def headline(cls, out: Path) -> str | None:
         """One line from a built output for the end of the build (e.g. the runtime's answer)."""
         return None

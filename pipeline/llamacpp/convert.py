@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.engine.proc import run_tool
 from pipeline.engine.stage import NoParams, StageContext
 from pipeline.llamacpp.common import CONVERT, SOURCE, LlamacppStage, gguf_name
+from pipeline.recipe.size import peak_estimate
 
 if TYPE_CHECKING:
     from pipeline.recipe.load import Recipe
@@ -22,6 +23,10 @@ class LlamacppConvert(LlamacppStage):
     tools = ("python", "torch", "transformers", "numpy", "tokenizers", "sentencepiece")
 
     requires = ("model", SOURCE)
+
+    @classmethod
+    def peak_memory(cls, recipe: Recipe, variant: str = "") -> int | None:
+        return peak_estimate(recipe, CONVERT)
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:

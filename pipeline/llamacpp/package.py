@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.engine.stage import NoParams, StageContext
 from pipeline.engine.templating import ShipsTemplates
-from pipeline.llamacpp.common import REPORT, LlamacppStage, gguf_name, gguf_types, verify_params
+from pipeline.llamacpp.common import REPORT, LlamacppStage, gguf_name, shipped_types, verify_params
 
 if TYPE_CHECKING:
     from pipeline.recipe.load import Recipe
@@ -35,7 +35,7 @@ class LlamacppPackage(ShipsTemplates, LlamacppStage):
         primary = recipe.scheme.gguf_types[0]
         return {"recipe_description": recipe.spec.description, "model": recipe.model.name,
                 "target": recipe.target.model_dump(mode="json"), "primary": primary,
-                "models": [gguf_name(recipe.model.name, t) for t in gguf_types(recipe)],
+                "models": [gguf_name(recipe.model.name, t) for t in shipped_types(recipe)],
                 "verify": verify_params(recipe, primary)}
 
     def run(self, ctx: StageContext) -> None:

@@ -2,14 +2,32 @@
 with the host build of llama-quantize; optionally with an importance matrix."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
 
 from pipeline.engine.proc import run_tool, threads
-from pipeline.engine.stage import NoParams, StageContext
-from pipeline.llamacpp.common import CONVERT, HOST_BUILD, IMATRIX, QUANTIZE, PerQuantType, gguf_in, gguf_name, host_tool
+from pipeline.engine.stage import StageContext, Strict
+from pipeline.llamacpp.common import (
+    CONVERT,
+    HOST_BUILD,
+    IMATRIX,
+    QUANTIZE,
+    PerQuantType,
+    gguf_in,
+    gguf_name,
+    host_tool,
+    shipped_types,
+)
 
 if TYPE_CHECKING:
     from pipeline.recipe.load import Recipe
+
+
+class QuantizeParams(Strict):
+    ship: Literal["all", "primary"] = Field(
+        "all", description="Quant types the bundle carries: every type of the scheme, or its first (primary) only "
+        "(the others are still built, measured and compared in the report). Not part of any key.")
 
 
 class LlamacppQuantize(PerQuantType):
@@ -17,19 +35,19 @@ class LlamacppQuantize(PerQuantType):
 
     name = QUANTIZE
     version = 1
-    Params = NoParams
+    Params = QuantizeParams
 
     @classmethod
     def inputs(cls, recipe: Recipe, variant: str) -> list[str]:
         return [CONVERT, HOST_BUILD] + ([IMATRIX] if recipe.scheme.gguf_imatrix else [])
 
     @classmethod
-    def params(cls, recipe: Recipe, variant: str) -> dict[str, Any]:
+    def params(cls, recipe: Recipe, variant: str) -> dict[str, Any]:  # `ship` only chooses what the bundle takes
         return {"type": variant, "imatrix": recipe.scheme.gguf_imatrix, "file": gguf_name(recipe.model.name, variant)}
 
     @classmethod
     def ships(cls, recipe: Recipe, variant: str) -> str | None:
-        return "models"
+        return "models" if variant in shipped_types(recipe) else None
 
     def run(self, ctx: StageContext) -> None:
         src = gguf_in(ctx.inputs[CONVERT])

@@ -12,6 +12,7 @@ from pydantic import Field
 from pipeline.engine.errors import KilnError
 from pipeline.engine.stage import StageContext, Strict
 from pipeline.qnn.common import EXPORT, GraphStage, ar_variant
+from pipeline.recipe.size import peak_estimate
 
 if TYPE_CHECKING:
     from pipeline.recipe.load import Recipe
@@ -36,6 +37,10 @@ class QnnExport(GraphStage):
         return [ar_variant(a) for a in dict.fromkeys(recipe.spec.ar_lengths)]
 
     requires = ("model", "text")
+
+    @classmethod
+    def peak_memory(cls, recipe: Recipe, variant: str = "") -> int | None:
+        return peak_estimate(recipe, EXPORT)
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str) -> dict[str, Any]:

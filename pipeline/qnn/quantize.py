@@ -27,6 +27,7 @@ from pydantic import Field
 from pipeline.engine.errors import KilnError
 from pipeline.engine.stage import StageContext, Strict
 from pipeline.qnn.common import EXPORT, QUANTIZE, GraphStage, calibration_device, export_nodes
+from pipeline.recipe.size import peak_estimate
 
 if TYPE_CHECKING:
     from pipeline.qnn.adapted_llama import Step
@@ -97,6 +98,10 @@ class QnnQuantize(GraphStage):
     @classmethod
     def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
         return ["model", "text", *export_nodes(recipe)]
+
+    @classmethod
+    def peak_memory(cls, recipe: Recipe, variant: str = "") -> int | None:
+        return peak_estimate(recipe, QUANTIZE)
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:

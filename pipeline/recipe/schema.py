@@ -18,8 +18,16 @@ from pipeline.engine.stage import Strict
 ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$"  # another name of a target: words, not markup or shell
 
 
+class SyntheticSpec(Strict):
+    """A shape rehearsal: random weights of a published architecture, written by the model stage."""
+
+    config: LocalPath = Field(description="A Hugging Face config.json (relative paths from the repository root; "
+                              "`recipes/models/` ships Llama-3.2-1B-Instruct, Llama-3.1-8B-Instruct, Qwen2-0.5B-Instruct).")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of the weights (each tensor draws from seed + its name).")
+
+
 class ModelSpec(Strict):
-    """Where the weights come from: exactly one of embedded / hf_dir / hub_id / gguf."""
+    """Where the weights come from: exactly one of embedded / hf_dir / hub_id / gguf / synthetic."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
                       description="Name used in file names, graph names, reports and bundle READMEs: letters, "
@@ -40,16 +48,21 @@ class ModelSpec(Strict):
     gguf: LocalPath | None = Field(
         None, description="A GGUF file, dequantized to HF safetensors by the model stage."
     )
+    synthetic: SyntheticSpec | None = Field(
+        None, description="Shape rehearsal: plan memory and time before you have the weights. A seeded random "
+        "checkpoint of the architecture in `config`, with the embedded model's tokenizer (its ids stay below the "
+        "config's vocab_size). Quality figures measured on it mean nothing."
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="dtype of the HF checkpoint the model stage writes."
     )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
-        given = [k for k in ("embedded", "hf_dir", "hub_id", "gguf") if getattr(self, k)]
+        given = [k for k in ("embedded", "hf_dir", "hub_id", "gguf", "synthetic") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(
-                "give exactly one of embedded, hf_dir, hub_id, gguf"
+                "give exactly one of embedded, hf_dir, hub_id, gguf, synthetic"
                 + (f" (got {', '.join(given)})" if given else "")
             )
         return self

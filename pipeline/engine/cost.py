@@ -1,0 +1,175 @@
+"""What a stage run cost, and a machine-wide memory budget for the stages that declare their peak.
+
+Cost (kept in the action record under `cost`; never part of a key or an output):
+- wall_s: the child's wall time;
+- cpu_s: user + system time of the child and every tool it waited for (`wait4`'s rusage: exact);
+- peak_rss_bytes: the largest sum of RSS over the stage's process tree, sampled every 0.2 s,
+  and never below `max_process_rss_bytes` (the largest single process, exact from rusage);
+- output_bytes: what was published; scratch_bytes: what the stage left in its scratch `tmp/`.
+
+Memory budget: `doit -n 2` may start two heavy stages that do not fit together. A stage that
+declares its expected peak (`Stage.peak_memory`) reserves it in a ledger shared by every Kiln
+process of the machine (one JSON file under the workspace's locks, entries of dead processes
+dropped) and waits while the reservations would exceed the budget (`KILN_MEMORY_GB` or
+pyproject `memory_gb`, default 90% of physical memory). A stage larger than the budget runs
+alone.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.engine.lock import HOST, FileLock, pid_alive
+
+SAMPLE_S = 0.2
+GB = 1 << 30
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GB", GB), ("MB", 1 << 20), ("kB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+class TreeSampler:
+    """Peak of the summed RSS of a process and its descendants, sampled in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.Error:
+            return
+        while not self._stop.is_set():
+            total = 0
+            try:
+                for p in [root, *root.children(recursive=True)]:
+                    try:
+                        total += p.memory_info().rss
+                    except psutil.Error:  # exited between the listing and the read
+                        pass
+            except psutil.Error:
+                return
+            self.peak = max(self.peak, total)
+            self._stop.wait(SAMPLE_S)
+
+
+def wait_rusage(proc: subprocess.Popen) -> tuple[int, resource.struct_rusage]:
+    """Wait for `proc` and return (its exit code, the rusage of it and the children it waited for)."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage
+
+
+@dataclass(frozen=True)
+class Cost:
+    wall_s: float
+    cpu_s: float
+    peak_rss_bytes: int
+    max_process_rss_bytes: int
+    output_bytes: int = 0
+    scratch_bytes: int = 0
+
+    @classmethod
+    def measured(cls, wall_s: float, usage: resource.struct_rusage, tree_peak: int) -> Cost:
+        one = usage.ru_maxrss * 1024  # Linux reports kB
+        return cls(round(wall_s, 3), round(usage.ru_utime + usage.ru_stime, 3), max(tree_peak, one), one)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink()) if path.is_dir() else 0
+
+
+def describe(cost: dict[str, Any] | None) -> str:
+    """'162 s wall, 310 s CPU, peak RSS 20.9 GB, wrote 6.0 GB' (or '' when not measured)."""
+    if not cost:
+        return ""
+    return (f"{cost['wall_s']:.0f} s wall, {cost['cpu_s']:.0f} s CPU, peak RSS {human_bytes(cost['peak_rss_bytes'])}, "
+            f"wrote {human_bytes(cost.get('output_bytes', 0))}")
+
+
+def memory_budget(setting: float | None) -> int:
+    if setting:
+        return int(setting * GB)
+    return int(0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+class MemoryLedger:
+    """Reservations of expected peak memory by the Kiln processes of this machine."""
+
+    def __init__(self, directory: Path, budget: int) -> None:
+        self.file = directory / "memory.json"
+        self.lock = FileLock(directory / "memory.lock")
+        self.budget = budget
+
+    def _live(self) -> list[dict[str, Any]]:
+        try:
+            entries = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            return []
+        return [e for e in entries if isinstance(e, dict) and e.get("host") == HOST and pid_alive(int(e.get("pid", 0)))]
+
+    def _write(self, entries: list[dict[str, Any]]) -> None:
+        tmp = self.file.with_name(f".memory.{os.getpid()}.json")
+        tmp.write_text(json.dumps(entries, indent=1))
+        os.replace(tmp, self.file)
+
+    def try_reserve(self, need: int, task: str) -> str | None:
+        """Reserve `need` bytes when they fit beside the live reservations (or nothing else is
+        reserved); return the reservation's id, or None."""
+        with self.lock:
+            entries = self._live()
+            if entries and sum(e["bytes"] for e in entries) + need > self.budget:
+                return None
+            ident = uuid.uuid4().hex
+            self._write([*entries, {"id": ident, "host": HOST, "pid": os.getpid(), "bytes": need, "task": task}])
+            return ident
+
+    def release(self, ident: str) -> None:
+        with self.lock:
+            self._write([e for e in self._live() if e["id"] != ident])
+
+    def holders(self) -> list[str]:
+        return [f"{e['task']} ({human_bytes(e['bytes'])})" for e in self._live()]
+
+    @contextmanager
+    def reserved(self, need: int, task: str, on_wait: Callable[[str], None]) -> Iterator[None]:
+        told = False
+        while (ident := self.try_reserve(need, task)) is None:
+            if not told:
+                on_wait(f"expects {human_bytes(need)} of memory; waiting for {', '.join(self.holders())} "
+                        f"(budget {human_bytes(self.budget)})")
+                told = True
+            time.sleep(0.5)
+        try:
+            yield
+        finally:
+            self.release(ident)

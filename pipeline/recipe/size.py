@@ -1,0 +1,64 @@
+"""How big a recipe's model is, read cheaply at plan time (a config.json, no weights), and what
+the heavy stages are expected to hold in memory at that size.
+
+Planning data only: nothing here enters a key. The factors are bytes of peak RSS per parameter
+(plus a fixed base for the interpreter and libraries), measured on the shape rehearsals at 1B
+and 8B (docs/benchmarks.md#stage-costs-at-real-size); they let the runner keep two stages that
+do not fit together from running at once.
+"""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.recipe.load import Recipe
+
+GB = 1 << 30
+
+# stage → (base bytes, bytes per parameter)
+PEAK = {
+    "model.synthetic": (3 * GB, 0.0),     # one shard at a time
+    "model": (1 * GB, 8.0),               # fp32 load + save copy
+    "qnn.export": (2 * GB, 8.0),
+    "qnn.quantize": (3 * GB, 10.0),
+    "llamacpp.convert": (2 * GB, 0.5),    # lazy, memory-mapped
+}
+
+
+def _config(recipe: Recipe) -> dict[str, Any] | None:
+    m = recipe.model
+    if m.synthetic:
+        path = recipe.resolve_path(m.synthetic.config)
+    elif m.hf_dir:
+        path = recipe.resolve_path(m.hf_dir) / "config.json"
+    else:
+        return None  # a GGUF or a hub id: read only when the stage runs
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def planned_parameters(recipe: Recipe) -> int | None:
+    """Parameters of a Llama-style decoder from its config (None when unknown here)."""
+    c = _config(recipe)
+    try:
+        h, i, layers, v = (int(c[k]) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
+        heads = int(c["num_attention_heads"])
+        kv = int(c.get("num_key_value_heads") or heads)
+        head_dim = int(c.get("head_dim") or h // heads)
+    except (TypeError, KeyError, ValueError, ZeroDivisionError):
+        return None
+    attention = h * head_dim * (2 * heads + 2 * kv)
+    per_layer = attention + 3 * h * i + 2 * h
+    return v * h * (1 if c.get("tie_word_embeddings") else 2) + layers * per_layer + h
+
+
+def peak_estimate(recipe: Recipe, what: str) -> int | None:
+    n = planned_parameters(recipe)
+    if n is None:
+        return None
+    base, per = PEAK[what]
+    return int(base + per * n)
