@@ -114,6 +114,10 @@ def gc(settings: Settings, store_root: Path, max_age_days: float, budget_gb: flo
         print(f"gc: {verb} {legacy} (the store layout before output digests; this Kiln never reads it)")
         if not dry_run:
             remove_tree(legacy)
+    for state in store.stale_resume(max_age_days * 86400):
+        print(f"gc: {verb} resume state {state.name[:16]}… (published since, or untouched for {max_age_days:g} days)")
+        if not dry_run:
+            remove_tree(state)
     for scratch in store.stale_scratch():
         print(f"gc: {verb} dead scratch {scratch.name}")
         if not dry_run:

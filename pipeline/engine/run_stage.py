@@ -70,7 +70,7 @@ def main(job_file: str) -> int:
         inputs={k: Path(v) for k, v in job["inputs"].items()},
         sources={k: Path(v) for k, v in job["sources"].items()},
         out=Path(job["out"]), info=Path(job["info"]), tmp=Path(job["tmp"]), key=job["key"],
-        cache=Path(job["cache"]), tools=job["tools"],
+        cache=Path(job["cache"]), resume=Path(job["resume"]), tools=job["tools"],
         input_outputs=job["input_outputs"],
         log=logging.getLogger(f"kiln.{job['stage']}"),
     )

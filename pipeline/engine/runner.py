@@ -226,8 +226,9 @@ def run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> str:
         "input_outputs": spec.inputs,
         "inputs": {name: str(store.out(d)) for name, d in spec.inputs.items()},
         "sources": spec.source_paths, "out": str(scratch / "out"), "info": str(scratch / "info"),
-        "tmp": str(scratch / "tmp"), "cache": str(store.root / "cache"),
+        "tmp": str(scratch / "tmp"), "cache": str(store.root / "cache"), "resume": str(store.resume_dir(spec.key)),
     }
+    store.resume_dir(spec.key).mkdir(parents=True, exist_ok=True)
     job_file = scratch / "tmp" / "job.json"
     job_file.write_text(json.dumps(job, indent=2))
     log_path = scratch / "log.txt"
@@ -261,6 +262,7 @@ def run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> str:
     except KilnError as e:
         remove_tree(scratch)
         raise StageFailed(f"{spec.task_name}: {e}") from None
+    remove_tree(store.resume_dir(spec.key))
     shared = "" if kept else " (an identical output was already stored: shared)"
     say(f"{spec.task_name}: done in {duration:.1f}s ({describe(cost.as_dict())}), output {digest[:16]}…{shared} "
         f"(log: {settings.shown(store.action(spec.key) / 'log.txt')})")

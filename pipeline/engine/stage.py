@@ -62,6 +62,7 @@ class StageContext:
     tmp: Path    # scratch space beside `out`, removed after the run and never published
     key: str     # the action key: names scratch state (checkpoints), never written into `out`
     cache: Path  # per-store mutable cache for tools (ccache), shared by every build of any key
+    resume: Path  # state a killed or failed run of this key resumes from; removed once it publishes
     input_outputs: dict[str, str] = field(default_factory=dict)  # input node → its output digest
     tools: dict[str, str] = field(default_factory=dict)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("kiln.stage"))

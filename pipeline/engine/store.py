@@ -281,6 +281,23 @@ class Store:
         os.rename(self.output(digest), dest)
         return dest
 
+    def resume_dir(self, key: str) -> Path:
+        """Where runs of `key` keep what a later run of the same key may resume from (per-layer
+        calibration checkpoints): it survives a failed or killed run, never a published one."""
+        return self.root / "resume" / key
+
+    def stale_resume(self, max_age_s: float) -> list[Path]:
+        """Resume state of keys that have published since, or that no run touched for `max_age_s`."""
+        base = self.root / "resume"
+        now = time.time()
+        out = []
+        for d in sorted(base.iterdir()) if base.is_dir() else []:
+            lock = self.lock(d.name)
+            running = lock.path.exists() and not lock.is_stale()
+            if not running and (self.record(d.name) is not None or now - d.stat().st_mtime >= max_age_s):
+                out.append(d)
+        return out
+
     def stale_scratch(self, min_age: float = 3600.0) -> list[Path]:
         """Scratch dirs of builds that are no longer running (no live lock) and not recent."""
         base = self.root / "scratch"

@@ -55,35 +55,86 @@ class TensorIO:
 
 
 class _Graph:
+    """The graph's nodes as a Python list with producer/consumer indexes kept current through
+    every edit (a lookup was a scan of the node list: quadratic, ~17 s per graph at 135M), written
+    back into the model once by `commit`."""
+
     def __init__(self, model: onnx.ModelProto) -> None:
         self.g = model.graph
         self.inits = {i.name: i for i in self.g.initializer}
+        self.nodes: list[onnx.NodeProto] = []
+        for n in self.g.node:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(n)
+            self.nodes.append(copy)
+        del self.g.node[:]
+        self._order = {id(n): float(i) for i, n in enumerate(self.nodes)}
+        self._removed: set[int] = set()
+        self._producer: dict[str, onnx.NodeProto] = {}
+        self._consumers: dict[str, list[onnx.NodeProto]] = {}
+        for n in self.nodes:
+            self._index(n)
+
+    def _index(self, node: onnx.NodeProto) -> None:
+        for o in node.output:
+            self._producer[o] = node
+        for i in dict.fromkeys(node.input):
+            self._consumers.setdefault(i, []).append(node)
+
+    def _unindex(self, node: onnx.NodeProto) -> None:
+        for o in node.output:
+            if self._producer.get(o) is node:
+                del self._producer[o]
+        for i in dict.fromkeys(node.input):
+            users = self._consumers.get(i, [])
+            users[:] = [u for u in users if u is not node]
+
+    def live(self, op_type: str) -> list[onnx.NodeProto]:
+        return [n for n in self.nodes if n.op_type == op_type and id(n) not in self._removed]
 
     def consumers(self, name: str) -> list[onnx.NodeProto]:
-        return [n for n in self.g.node if name in n.input]
+        return sorted(self._consumers.get(name, []), key=lambda n: self._order[id(n)])
 
     def producer(self, name: str) -> onnx.NodeProto | None:
-        return next((n for n in self.g.node if name in n.output), None)
+        return self._producer.get(name)
 
     def array(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.inits[name])
 
     def remove(self, node: onnx.NodeProto) -> None:
-        self.g.node.remove(node)
+        self._unindex(node)
+        self._removed.add(id(node))
+
+    def insert_before(self, anchor: onnx.NodeProto, node: onnx.NodeProto) -> None:
+        self._order[id(node)] = self._order[id(anchor)] - 0.5
+        self.nodes.append(node)
+        self._index(node)
+
+    def set_io(self, node: onnx.NodeProto, inputs: list[str] | None = None, outputs: list[str] | None = None) -> None:
+        self._unindex(node)
+        if inputs is not None:
+            node.input[:] = inputs
+        if outputs is not None:
+            node.output[:] = outputs
+        self._index(node)
 
     def add_initializer(self, tensor: TensorProto) -> None:
         self.g.initializer.append(tensor)
         self.inits[tensor.name] = tensor
 
     def drop_unused_initializers(self) -> None:
-        used = {i for n in self.g.node for i in n.input}
-        keep = [i for i in self.g.initializer if i.name in used]
+        keep = [i for i in self.g.initializer if self._consumers.get(i.name)]
         del self.g.initializer[:]
         self.g.initializer.extend(keep)
 
     def rename_input(self, old: str, new: str) -> None:
-        for n in self.g.node:
-            n.input[:] = [new if i == old else i for i in n.input]
+        for n in list(self._consumers.get(old, [])):
+            self.set_io(n, inputs=[new if i == old else i for i in n.input])
+
+    def commit(self) -> None:
+        """Write the live nodes back into the model, in graph order."""
+        live = [n for n in self.nodes if id(n) not in self._removed]
+        self.g.node.extend(sorted(live, key=lambda n: self._order[id(n)]))
 
 
 def _quant_io(graph: _Graph, q: onnx.NodeProto) -> tuple[float, int, int]:
@@ -111,7 +162,7 @@ def _dequantized(graph: _Graph, dq: onnx.NodeProto) -> np.ndarray:
 def _fold_embedding(graph: _Graph) -> int:
     """Store per-row-quantized tables that feed a Gather on the Gather output's grid."""
     folded = 0
-    for gather in [n for n in graph.g.node if n.op_type == "Gather"]:
+    for gather in graph.live("Gather"):
         dq = graph.producer(gather.input[0])
         after = graph.consumers(gather.output[0])
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in graph.inits:
@@ -124,7 +175,7 @@ def _fold_embedding(graph: _Graph) -> int:
         codes = np.clip(np.rint(_dequantized(graph, dq) / scale) + zero, info.min, info.max).astype(info.dtype)
         name = f"{dq.input[0]}_on_{q.name}"
         graph.add_initializer(numpy_helper.from_array(codes, name))
-        dq.input[:] = [name, q.input[1], q.input[2]]
+        graph.set_io(dq, inputs=[name, q.input[1], q.input[2]])
         del dq.attribute[:]
         folded += 1
     return folded
@@ -139,7 +190,7 @@ def _float_weights_for_float_ops(graph: _Graph) -> int:
     runs in float16 on HTP, which cannot dequantize a constant for it (no standalone blocked DQ):
     give it the dequantized weight as a float constant — the same values."""
     folded = 0
-    for node in [n for n in graph.g.node if n.op_type in WEIGHTED]:
+    for node in [n for op in sorted(WEIGHTED) for n in graph.live(op)]:
         source = graph.producer(node.input[0])
         while source is not None and source.op_type in DATA_MOVEMENT:
             source = graph.producer(source.input[0])
@@ -178,7 +229,7 @@ def _fuse_rmsnorm(graph: _Graph) -> int:
     quantized in and out, as qairt-converter fuses it): op by op, HTP would run the chain in
     float16, where x² of the BOS token's residual overflows."""
     fused = 0
-    for pow_node in [n for n in graph.g.node if n.op_type == "Pow" and _constant(graph, n.input[1]) == 2.0]:
+    for pow_node in [n for n in graph.live("Pow") if _constant(graph, n.input[1]) == 2.0]:
         x = pow_node.input[0]
         mean = _single_consumer(graph, pow_node.output[0], "ReduceMean")
         add = mean and _single_consumer(graph, mean.output[0], "Add")
@@ -196,14 +247,13 @@ def _fuse_rmsnorm(graph: _Graph) -> int:
             continue
         gamma = _other(gamma_mul, scale.output[0])
         chain = [pow_node, mean, add, sqrt, div, scale, gamma_mul]
-        at = min(list(graph.g.node).index(n) for n in chain)
         for n in chain:
             graph.remove(n)
-        graph.g.node.insert(at, helper.make_node(
+        graph.insert_before(pow_node, helper.make_node(
             "SimplifiedLayerNormalization", [x, gamma], [gamma_mul.output[0]], name=f"{gamma_mul.name}_RmsNorm",
             axis=-1, epsilon=eps, stash_type=1))
         fused += 1
-    constants = [n for n in graph.g.node if n.op_type == "Constant" and not graph.consumers(n.output[0])]
+    constants = [n for n in graph.live("Constant") if not graph.consumers(n.output[0])]
     for n in constants:
         graph.remove(n)
     return fused
@@ -243,14 +293,16 @@ def device_io(model: onnx.ModelProto) -> tuple[list[TensorIO], list[TensorIO]]:
             raise ValueError(f"graph output {v.name}: its DequantizeLinear does not follow a QuantizeLinear")
         scale, zero, dtype = _quant_io(graph, q)
         inner = f"{v.name}_dq"
+        quantized = dq.input[0]
         graph.rename_input(v.name, inner)   # internal consumers read the dequantized copy
-        dq.output[:] = [inner]
-        q.output[:] = [v.name]
-        graph.rename_input(dq.input[0], v.name)
+        graph.set_io(dq, outputs=[inner])
+        graph.set_io(q, outputs=[v.name])
+        graph.rename_input(quantized, v.name)
         if not graph.consumers(inner):
             graph.remove(dq)
         v.type.tensor_type.elem_type = dtype
         outputs.append(TensorIO(v.name, INT_TYPES[dtype], _value_shape(v), scale, zero))
+    graph.commit()
     return inputs, outputs
 
 

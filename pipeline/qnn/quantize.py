@@ -249,7 +249,8 @@ def _kiln_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structur
     p, scheme = ctx.params, ctx.params["scheme"]
     device = pick_device(p["device"])  # cpu or cuda, settled at plan time
     shapes = {i.name: tuple(i.dims) for i in structure.graph.initializer}
-    rows, params, weight_seconds = quantize_model(cal.hf, scheme, algorithm, cal.weight_prompts, shapes, device)
+    rows, params, weight_seconds = quantize_model(cal.hf, scheme, algorithm, cal.weight_prompts, shapes, device,
+                                                  ctx.resume / "calibration")
     ctx.log.info(f"weights: {algorithm} on {device} ({len(cal.weight_prompts)} prompts, "
                  f"{sum(map(len, cal.weight_prompts))} tokens), {len(rows)} projections + {len(params) - len(rows)} "
                  f"other params ({weight_seconds:.1f}s)")

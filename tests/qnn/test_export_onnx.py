@@ -10,12 +10,12 @@ import torch
 from pipeline.qnn.adapted_llama import AdaptedLlama, advance_past, io_names, step_inputs
 
 
-def tiny_hf(rope_parameters=None, kv_heads=2, bias=False):
+def tiny_hf(rope_parameters=None, kv_heads=2, bias=False, num_hidden_layers=2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     extra = {"rope_parameters": rope_parameters} if rope_parameters else {}
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers,
                       num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
                       tie_word_embeddings=True, attention_bias=bias, **extra)
     model = LlamaForCausalLM(cfg).eval()

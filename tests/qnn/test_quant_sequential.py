@@ -8,6 +8,7 @@ import torch
 from test_export_onnx import tiny_hf
 
 from pipeline.qnn.quant import algorithms
+from pipeline.qnn.quant.checkpoint import LayerCheckpoints
 from pipeline.qnn.quant.model import HessianTap, quantize_weights
 
 SCHEME = {"weights": {"bits": 3, "granularity": "per-channel", "symmetric": True}, "overrides": []}
@@ -61,3 +62,48 @@ def test_hessian_tap_counts_a_shared_input_once_per_module():
             hf(ids, use_cache=False)
     handle.remove()
     assert torch.allclose(h[names[0]], algorithms.hessian(torch.cat(x)), rtol=1e-5, atol=1e-6)
+
+
+class Killed(Exception):
+    """Stands in for the process dying in the middle of a layer."""
+
+
+@pytest.mark.parametrize("algorithm", ["seqmse", "gptq"])
+def test_a_calibration_killed_mid_layer_resumes_with_identical_results(algorithm, tmp_path, monkeypatch):
+    from pipeline.qnn.quant import model as quant_model
+
+    cfg = {"num_hidden_layers": 3}
+    straight = tiny_hf(**cfg)
+    want = quantize_weights(straight, SCHEME, algorithm, BATCHES)
+
+    ckpt = tmp_path / "calibration"
+    real = quant_model._quantize_one
+    calls = []
+
+    def dies_in_layer_2(name, *args):
+        calls.append(name)
+        if name.startswith("model.layers.2.") and name.endswith("v_proj"):
+            raise Killed
+        return real(name, *args)
+
+    monkeypatch.setattr(quant_model, "_quantize_one", dies_in_layer_2)
+    with pytest.raises(Killed):
+        quantize_weights(tiny_hf(**cfg), SCHEME, algorithm, BATCHES, checkpoint=ckpt)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["layer-0000.safetensors", "layer-0001.safetensors",
+                                                     "states.safetensors"]
+    monkeypatch.setattr(quant_model, "_quantize_one", lambda name, *args: calls.append(name) or real(name, *args))
+    calls.clear()
+    resumed_model = tiny_hf(**cfg)
+    got = quantize_weights(resumed_model, SCHEME, algorithm, BATCHES, checkpoint=ckpt)
+    # only layer 2 and the LM head were calibrated again
+    assert calls and all(n.startswith("model.layers.2.") or n == "lm_head" for n in calls)
+    assert [r["name"] for r in got] == [r["name"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert a["grid"] == b["grid"] and a["sqnr_db"] == b["sqnr_db"]
+        assert torch.equal(a["scale"], b["scale"]) and torch.equal(a["zero"], b["zero"])
+    for (name, p), q in zip(resumed_model.state_dict().items(), straight.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+    # a checkpoint of another calibration (other prompts) is not used
+    other = LayerCheckpoints(ckpt, {"different": True})
+    assert other.last_layer() == -1

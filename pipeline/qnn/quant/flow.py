@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,12 +21,12 @@ def pick_device(choice: str) -> str:
 
 
 def quantize_model(hf: torch.nn.Module, scheme: dict[str, Any], algorithm: str, prompts: list[list[int]],
-                   shapes: dict[str, tuple[int, ...]], device: str
+                   shapes: dict[str, tuple[int, ...]], device: str, checkpoint: Path | None = None
                    ) -> tuple[list[dict[str, Any]], dict[str, qdq.QuantParam], float]:
-    """Quantize `hf`'s weights in place, calibrated on `prompts`; return (report rows, QuantParams
-    by ONNX name, seconds)."""
+    """Quantize `hf`'s weights in place, calibrated on `prompts` (resuming from `checkpoint`'s
+    per-layer state when given); return (report rows, QuantParams by ONNX name, seconds)."""
     t0 = time.monotonic()
-    rows = quantize_weights(hf, scheme, algorithm, [torch.tensor([b]) for b in prompts], device)
+    rows = quantize_weights(hf, scheme, algorithm, [torch.tensor([b]) for b in prompts], device, checkpoint)
     params = onnx_params(hf, scheme, rows, hf_names(hf.config.num_hidden_layers), shapes)
     return rows, params, time.monotonic() - t0
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pipeline.engine.progress import progress
 from pipeline.qnn.quant import algorithms
+from pipeline.qnn.quant.checkpoint import LayerCheckpoints
 from pipeline.qnn.quant.grid import Grid, quantize
 
 if TYPE_CHECKING:
@@ -142,13 +144,15 @@ def _quantize_one(name: str, module: torch.nn.Linear, grid: Grid, algorithm: str
 
 
 def quantize_weights(model: torch.nn.Module, scheme: dict[str, Any], algorithm: str,
-                     batches: list[torch.Tensor], device: str = "cpu") -> list[dict[str, Any]]:
+                     batches: list[torch.Tensor], device: str = "cpu",
+                     checkpoint: Path | None = None) -> list[dict[str, Any]]:
     """Replace weights by their fake-quantized values in place; return one report row per weight.
 
     SeqMSE and GPTQ go sequentially, as in the GPTQ paper and AIMET's SeqMSE: decoder layer i is
     calibrated on what the already-quantized layers 0..i-1 hand it, so each layer also corrects
     the error upstream of it; the LM head last, on the quantized model's final hidden states.
-    Layers are moved to `device` one at a time."""
+    Layers are moved to `device` one at a time. With a `checkpoint` dir, each finished layer is
+    saved there and a later call with the same dir resumes after the last one saved."""
     done: set[int] = set()
     todo: dict[str, tuple[torch.nn.Linear, Grid]] = {}
     for name, module in quantizable(model):
@@ -160,19 +164,34 @@ def quantize_weights(model: torch.nn.Module, scheme: dict[str, Any], algorithm: 
         return [_quantize_one(n, m, g, algorithm, None, device)
                 for n, (m, g) in progress(todo.items(), f"{algorithm} weights", "weight", len(todo))]
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     states = layer0_inputs(model, batches, device)
+    layers = model.model.layers
+    saved, start = None, 0
+    if checkpoint is not None:
+        saved = LayerCheckpoints(checkpoint, {"algorithm": algorithm, "scheme": scheme, "device": device,
+                                              "prompts": [b.shape[-1] for b in batches], "layers": len(layers)})
+        last = saved.last_layer()
+        if last >= 0:
+            rows, hidden = saved.restore(last, dict(model.named_modules()), device)
+            states = [(h, kwargs) for h, (_, kwargs) in zip(hidden, states, strict=True)]
+            start = last + 1
+            print(f"{algorithm}: resuming after layer {last} of {len(layers)} (per-layer checkpoint)", flush=True)
     with torch.no_grad():
-        layers = model.model.layers
         for i, layer in progress(enumerate(layers), f"{algorithm} weights", "layer", len(layers)):
+            if i < start:
+                continue
             mine = {n: todo[n] for n in todo if n.startswith(f"model.layers.{i}.")}
             layer.to(device)
             with HessianTap({n: m for n, (m, _) in mine.items()}) as tap:
                 for hidden, kwargs in states:
                     layer(hidden, **kwargs)
-            rows += [_quantize_one(n, m, g, algorithm, tap.h[n], device) for n, (m, g) in mine.items()]
+            done_here = [_quantize_one(n, m, g, algorithm, tap.h[n], device) for n, (m, g) in mine.items()]
+            rows += done_here
             states = [(_first(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
             layer.to("cpu")
+            if saved is not None:
+                saved.save(i, done_here, {n: m for n, (m, _) in mine.items()}, [h for h, _ in states])
         heads = {n: v for n, v in todo.items() if not n.startswith("model.layers.")}
         if heads:  # the LM head's input: the final norm of the last layer's output
             norm = model.model.norm.to(device)
