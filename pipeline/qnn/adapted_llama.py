@@ -50,10 +50,11 @@ class Conv1x1(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.conv = nn.Conv2d(linear.in_features, linear.out_features, 1, bias=linear.bias is not None)
-        self.conv.weight.data = linear.weight.data.detach().clone()[:, :, None, None]
+        # views of the Linear's storage, never copies: at 1B a copy of every weight is 5 GB more
+        self.conv = nn.Conv2d(linear.in_features, linear.out_features, 1, bias=linear.bias is not None, device="meta")
+        self.conv.weight = nn.Parameter(linear.weight.detach()[:, :, None, None], requires_grad=False)
         if linear.bias is not None:
-            self.conv.bias.data = linear.bias.data.detach().clone()
+            self.conv.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [1, T, in] -> [1, T, out]
         return self.conv(x.transpose(1, 2)[:, :, None, :])[:, :, 0, :].transpose(1, 2)
@@ -62,7 +63,7 @@ class Conv1x1(nn.Module):
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone())
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +133,7 @@ class AdaptedLlama(nn.Module):
         super().__init__()
         self.d = Dims.of(hf_model.config)
         inner = hf_model.model
-        self.embed = nn.Embedding.from_pretrained(inner.embed_tokens.weight.detach().clone(), freeze=True)
+        self.embed = nn.Embedding.from_pretrained(inner.embed_tokens.weight.detach(), freeze=True)
         self.blocks = nn.ModuleList(Block(layer, self.d) for layer in inner.layers)
         self.norm = RMSNorm(inner.norm.weight, self.d.eps)
         self.lm_head = Conv1x1(hf_model.lm_head)

@@ -19,6 +19,11 @@ BINARY_STEM = "weight_sharing_model_1_of_1.serialized"  # qnn-context-binary-gen
 SHARED_BIN = BINARY_STEM + ".bin"  # the shipped weight-shared binary, whichever provider built it
 
 
+def shared_bin(part: int, parts: int) -> str:
+    """The weight-shared binary of part `part` (1-based) of `parts`, named as the SDK's tool names it."""
+    return f"weight_sharing_model_{part}_of_{parts}.serialized.bin"
+
+
 class QnnStage(Stage):
     runtimes = (RUNTIME,)
 
@@ -69,6 +74,25 @@ def soc_params(recipe: Recipe) -> dict[str, Any]:
     return {"soc": soc.name, "soc_model": soc.soc_model, "htp_arch": int(soc.dsp_arch.removeprefix("v"))}
 
 
+def split_count(recipe: Recipe) -> int:
+    """How many parts the model is compiled in: the recipe's `num_splits`, or with `auto` the fewest
+    parts whose estimated HTP allocation (weights on their grids + KV cache at the context length)
+    stays within `max_part_mb` (docs/qualcomm.md#model-splitting)."""
+    from pipeline.recipe.size import htp_part_bytes, planned_layers
+
+    own = recipe.stage_params(COMPILE)
+    if own["num_splits"] != "auto":
+        parts = own["num_splits"]
+    else:
+        parts, layers, limit = 1, planned_layers(recipe) or 1, own["max_part_mb"] << 20
+        while parts < layers and max(htp_part_bytes(recipe, parts) or [0]) > limit:
+            parts += 1
+    if parts > 1 and provider(recipe) == "qairt":
+        raise KilnError(f"{recipe.where('stages', COMPILE, 'num_splits')}: stages.{COMPILE}.num_splits: {parts} parts are "
+                        f"compiled by provider ort-qnn only (the qairt flow converts whole graphs); set provider: ort-qnn")
+    return parts
+
+
 def genie_params(recipe: Recipe) -> dict[str, Any]:
     """stages.qnn.genie_config plus what the rendered configs take from the recipe."""
     from pipeline.qnn.genie import template_dir
@@ -76,9 +100,10 @@ def genie_params(recipe: Recipe) -> dict[str, Any]:
     own = recipe.stage_params(GENIE_CONFIG)
     template_dir(own["sdk"])
     soc = soc_params(recipe)
+    parts = split_count(recipe)
     return {**own, "model": recipe.model.name, "context_length": recipe.spec.context_length,
             "soc_model": soc["soc_model"], "dsp_arch": f"v{soc['htp_arch']}",
-            "ctx_bins": [f"models/{SHARED_BIN}"]}  # where qnn.package puts it
+            "ctx_bins": [f"models/{shared_bin(i, parts)}" for i in range(1, parts + 1)]}  # where qnn.package puts them
 
 
 def genie_sources(recipe: Recipe) -> dict[str, Path]:

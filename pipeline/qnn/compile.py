@@ -8,6 +8,9 @@ grid), then compiled by onnxruntime-qnn with no CPU fallback, twice:
   qnn.package ships as `models/`;
 - `unshared/`: one binary per graph — what the x86 HTP simulator can load (it crashes on shared
   binaries: docs/qualcomm.md#weight-sharing), for `verify`.
+A model too large for one HTP context is cut into parts of consecutive decoder layers
+(`num_splits`; docs/qualcomm.md#model-splitting): each AR graph becomes `<graph>_<i>_of_<n>`, and
+each part's AR graphs share one binary, `weight_sharing_model_<i>_of_<n>.serialized.bin`.
 Every binary is read back through libQnnSystem (pipeline/qnn/qnn_binary.py) and checked against the
 recipe: the target's soc model, one graph per AR length, the expected I/O. io.json lists each
 graph's device I/O (dtype, shape, scale/offset) for qnn.genie_config and verify.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -26,7 +29,18 @@ from pipeline.engine.progress import progress
 from pipeline.engine.stage import StageContext, Strict
 
 # the SDK tool's name for the shared binary; ort-qnn's is renamed to it
-from pipeline.qnn.common import COMPILE, EXPORT, QUANTIZE, SHARED_BIN, GraphStage, export_nodes, provider, soc_params
+from pipeline.qnn.common import (
+    COMPILE,
+    EXPORT,
+    QUANTIZE,
+    SHARED_BIN,
+    GraphStage,
+    export_nodes,
+    provider,
+    shared_bin,
+    soc_params,
+    split_count,
+)
 
 if TYPE_CHECKING:
     from pipeline.recipe.load import Recipe
@@ -45,6 +59,12 @@ class QnnCompileParams(Strict):
     vtcm_mb: int = Field(0, ge=0, description="VTCM the graphs may use, in MB; 0 = the SoC's default.")
     finalization_level: Literal[0, 1, 2, 3] = Field(
         3, description="HTP graph finalization optimization level: 3 = slowest to compile, fastest to run.")
+    num_splits: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = Field(
+        "auto", description="Parts the model is cut into (consecutive decoder layers each; every part's AR graphs "
+                            "share one binary, Genie runs them in order). auto = the fewest parts whose estimated "
+                            "HTP allocation stays within max_part_mb.")
+    max_part_mb: int = Field(2048, ge=64, le=1 << 20, description="With num_splits: auto, the most HTP memory one part "
+                             "may ask for: its weights on their grids plus its KV cache at the context length.")
 
 
 class QnnCompile(GraphStage):
@@ -68,12 +88,13 @@ class QnnCompile(GraphStage):
         soc = soc_params(recipe)
         chosen = provider(recipe)
         sdk = qairt.sdk_version(qairt.sdk_root()) if chosen == "qairt" else None  # the SDK's error if missing
-        return {**recipe.stage_params(cls.name), "provider": chosen, "qairt_sdk": sdk, **soc,
+        own = {k: v for k, v in recipe.stage_params(cls.name).items() if k not in ("num_splits", "max_part_mb")}
+        return {**own, "provider": chosen, "qairt_sdk": sdk, **soc, "parts": split_count(recipe),
                 "ar_lengths": sorted(set(recipe.spec.ar_lengths), reverse=True)}
 
     def run(self, ctx: StageContext) -> None:
-        from pipeline.qnn.htp_graph import write_device_graph
-        from pipeline.qnn.ort_qnn import compile_graph
+        from pipeline.qnn.htp_graph import write_device_graphs
+        from pipeline.qnn.ort_qnn import compile_graph, rename_compiled_graph
         from pipeline.qnn.qnn_binary import check_binary, read_binary_info
 
         p = ctx.params
@@ -89,23 +110,33 @@ class QnnCompile(GraphStage):
             (ctx.out / sub).mkdir()
         io: dict[str, Any] = {}
         timings: dict[str, float] = {}
+        parts = p["parts"]
         for g in graphs:
-            ins, outs = write_device_graph(ctx.inputs[QUANTIZE] / g["qdq"], scratch / f"{g['graph']}.onnx")
-            io[g["graph"]] = {"ar": g["ar"], "inputs": [t.to_json() for t in ins], "outputs": [t.to_json() for t in outs]}
-        for g in progress(graphs, "compile (unshared)", "graph"):
-            ctx.log.info(f"compiling {g['graph']} for {p['soc']} (soc_model {p['soc_model']}, v{p['htp_arch']})")
             t0 = time.monotonic()
-            compile_graph(scratch / f"{g['graph']}.onnx", ctx.out / "unshared" / f"{g['graph']}.onnx",
+            for i, (name, ins, outs) in enumerate(write_device_graphs(ctx.inputs[QUANTIZE] / g["qdq"], scratch, parts), 1):
+                io[name] = {"ar": g["ar"], **({"whole": g["graph"], "part": i, "parts": parts} if parts > 1 else {}),
+                            "inputs": [t.to_json() for t in ins], "outputs": [t.to_json() for t in outs]}
+            timings[f"device form {g['graph']}"] = round(time.monotonic() - t0, 1)
+        for name in progress(list(io), "compile (unshared)", "graph"):
+            ctx.log.info(f"compiling {name} for {p['soc']} (soc_model {p['soc_model']}, v{p['htp_arch']})")
+            t0 = time.monotonic()
+            compile_graph(scratch / f"{name}.onnx", ctx.out / "unshared" / f"{name}.onnx",
                           p["soc_model"], p["htp_arch"], options)
-            timings[g["graph"]] = round(time.monotonic() - t0, 1)
+            if parts > 1:  # Genie orders the parts by their graph names
+                rename_compiled_graph(ctx.out / "unshared" / f"{name}.onnx", name)
+            timings[name] = round(time.monotonic() - t0, 1)
         t0 = time.monotonic()
         if p["provider"] == "qairt":
             _qairt_shared(ctx, graphs)
         else:
-            for i, g in enumerate(graphs):
-                compile_graph(scratch / f"{g['graph']}.onnx", ctx.out / "shared" / f"{g['graph']}.onnx", p["soc_model"],
-                              p["htp_arch"], options, share="last" if i == len(graphs) - 1 else "share")
-            _rename_shared_binary(ctx.out / "shared")
+            for part in range(1, parts + 1):
+                names = [n for n, v in io.items() if v.get("part", 1) == part]  # widest AR first
+                for i, name in enumerate(names):
+                    compile_graph(scratch / f"{name}.onnx", ctx.out / "shared" / f"{name}.onnx", p["soc_model"],
+                                  p["htp_arch"], options, share="last" if i == len(names) - 1 else "share")
+                _rename_shared_binary(ctx.out / "shared", shared_bin(part, parts), names)
+                for name in names if parts > 1 else []:
+                    rename_compiled_graph(ctx.out / "shared" / f"{name}.onnx", name)
         timings["shared"] = round(time.monotonic() - t0, 1)
 
         expected = {g: {"inputs": [t["name"] for t in v["inputs"]], "outputs": [t["name"] for t in v["outputs"]]}
@@ -115,8 +146,11 @@ class QnnCompile(GraphStage):
         for b in sorted((ctx.out / "shared").glob("*.bin")) + sorted((ctx.out / "unshared").glob("*.bin")):
             rel = str(b.relative_to(ctx.out))
             info = read_binary_info(b)
-            want = expected if b.parent.name == "shared" else \
-                {g: e for g, e in expected.items() if b.name.startswith(g + "_")}
+            if b.parent.name == "shared":
+                part = next(i for i in range(1, parts + 1) if b.name == shared_bin(i, parts))
+                want = {g: e for g, e in expected.items() if io[g].get("part", 1) == part}
+            else:
+                want = {g: e for g, e in expected.items() if b.name == f"{g}_qnn.bin"}
             found = _match_graphs(info, io, want)
             problems += [f"{rel}: {m}" for m in check_binary(info, p["soc_model"], found)]
             binaries[rel] = {"bytes": b.stat().st_size, "soc_model": info.get("soc_model"),
@@ -126,9 +160,11 @@ class QnnCompile(GraphStage):
         (ctx.out / "io.json").write_text(json.dumps(io, indent=2) + "\n")
         (ctx.out / "compile.json").write_text(json.dumps(report, indent=2) + "\n")
         (ctx.info / "timings.json").write_text(json.dumps({"seconds": timings}, indent=2) + "\n")  # not the output
-        shared = binaries[f"shared/{SHARED_BIN}"]
-        ctx.log.info(f"shared binary: {shared['bytes'] / 1e6:.1f} MB, soc_model {shared['soc_model']}, graphs "
-                     + ", ".join(f"{n} (AR-{g['ar']})" for n, g in shared["graphs"].items()))
+        for part in range(1, parts + 1):
+            shared = binaries[f"shared/{shared_bin(part, parts)}"]
+            graphs_of = ", ".join(f"{n} (AR-{g['ar']})" for n, g in shared["graphs"].items())
+            ctx.log.info(f"shared binary {part} of {parts}: {shared['bytes'] / 1e6:.1f} MB, soc_model "
+                         f"{shared['soc_model']}, graphs {graphs_of}")
         if problems:
             raise KilnError("qnn.compile: the compiled binaries do not match the recipe:\n  " + "\n  ".join(problems))
 
@@ -149,27 +185,30 @@ def _qairt_shared(ctx: StageContext, graphs: list[dict[str, Any]]) -> None:
     binary.rename(ctx.out / "shared" / SHARED_BIN)
 
 
-def _rename_shared_binary(shared: Path) -> None:
-    """Give the one shared binary its SDK name and point every EPContext model at it."""
+def _rename_shared_binary(shared: Path, name: str, graphs: list[str]) -> None:
+    """Give the shared binary onnxruntime-qnn just wrote for `graphs` its SDK name and point their
+    EPContext models at it."""
     import onnx
 
-    bins = sorted(shared.glob("*.bin"))
+    bins = sorted(b for b in shared.glob("*.bin") if not b.name.startswith("weight_sharing_model_"))
     if len(bins) != 1:
         raise KilnError(f"qnn.compile: expected one weight-shared binary, onnxruntime-qnn wrote {[b.name for b in bins]}")
-    bins[0].rename(shared / SHARED_BIN)
-    for model_path in shared.glob("*.onnx"):
+    bins[0].rename(shared / name)
+    for graph in graphs:
+        model_path = shared / f"{graph}.onnx"
         model = onnx.load(str(model_path))
         for node in model.graph.node:
             for a in node.attribute:
                 if node.op_type == "EPContext" and a.name == "ep_cache_context":
-                    a.s = SHARED_BIN.encode()
+                    a.s = name.encode()
         onnx.save(model, str(model_path))
 
 
 def _ar_of(graph: dict[str, Any]) -> int | None:
-    """A binary graph's AR length: the token count of its `input_ids` (ORT names graphs by hash)."""
-    ids = next((t for t in graph["inputs"] if t["name"] == "input_ids"), None)
-    return ids["dims"][-1] if ids else None
+    """A binary graph's AR length: the rows of its `attention_mask` [1, 1, AR, context] (every part
+    has one; ORT names graphs by hash)."""
+    mask = next((t for t in graph["inputs"] if t["name"] == "attention_mask"), None)
+    return mask["dims"][-2] if mask else None
 
 
 def _match_graphs(info: dict[str, Any], io: dict[str, Any], want: dict[str, Any]) -> dict[str, Any]:

@@ -53,12 +53,12 @@ class QnnExport(GraphStage):
 
     def run(self, ctx: StageContext) -> None:
         import numpy as np
-        import onnx
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from pipeline.qnn.adapted_llama import AdaptedLlama, io_names, step_inputs
         from pipeline.qnn.onnx_check import compare_with_hf
+        from pipeline.qnn.onnx_files import gather_external_data
 
         p = ctx.params
         ar, context = p["ar"], p["context_length"]
@@ -73,16 +73,14 @@ class QnnExport(GraphStage):
         with torch.no_grad():
             torch.onnx.export(model, example, str(tmp), input_names=names_in, output_names=names_out,
                               opset_version=p["opset"], dynamo=False, do_constant_folding=True)
-        graph = onnx.load(str(tmp))
-        graph.graph.name = p["graph"]
-        onnx.save_model(graph, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=f"{p['graph']}.data", size_threshold=1024)
+        del model  # shares its weights with `hf`; nothing else of it is needed
+        gather_external_data(tmp, onnx_path, p["graph"])
 
         text = (ctx.inputs["text"] / "evaluation.txt").read_text()
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][: min(p["check_tokens"], context - 1)]
         bos = tokenizer.bos_token_id
         ids = ([bos] if bos is not None else []) + ids[: min(p["check_tokens"], context - 1) - (bos is not None)]
-        report, vectors = compare_with_hf(hf, onnx_path, names_in, names_out, ids, ar, context)
+        report, vectors = compare_with_hf(hf, onnx_path, names_in, names_out, ids, ar, context, release_weights=True)
         np.savez_compressed(ctx.out / "test_vectors.npz", **vectors)
         report.update(graph=p["graph"], ar=ar, context_length=context, inputs=names_in[:4] + ["past_*_in"],
                       outputs=["logits", "past_*_out"])

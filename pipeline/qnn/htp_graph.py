@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.engine.errors import KilnError
 from pipeline.qnn.quant.qdq import load_weights
 
 INT_TYPES = {TensorProto.UINT8: "uint8", TensorProto.INT8: "int8", TensorProto.UINT16: "uint16",
@@ -306,15 +307,129 @@ def device_io(model: onnx.ModelProto) -> tuple[list[TensorIO], list[TensorIO]]:
     return inputs, outputs
 
 
-def write_device_graph(src: Path, dst: Path) -> tuple[list[TensorIO], list[TensorIO]]:
-    """The device form of QDQ graph `src` at `dst` (+ `<dst stem>.data`); see the module doc."""
-    model = onnx.load(str(src), load_external_data=False)
-    load_weights(model, src.parent)
-    inputs, outputs = device_io(model)
+Part = tuple[onnx.ModelProto, list[TensorIO], list[TensorIO]]
+
+
+def part_ranges(layers: int, parts: int) -> list[range]:
+    """Decoder layers of each part, as even as they go (the first parts take the remainder)."""
+    if not 1 <= parts <= layers:
+        raise KilnError(f"num_splits: cannot split {layers} decoder layers into {parts} parts")
+    size, extra = divmod(layers, parts)
+    starts = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [range(a, b) for a, b in zip(starts, starts[1:])]
+
+
+def _boundary(graph: _Graph, layer: int) -> onnx.NodeProto:
+    """The QuantizeLinear of the residual stream entering decoder layer `layer` (the output of
+    layer-1's last residual Add): its quantized output is what the parts hand each other."""
+    scope, before = f"/blocks.{layer}/", f"/blocks.{layer - 1}/"
+    found = {}
+    for node in graph.nodes:
+        if id(node) in graph._removed or not node.name.startswith(scope):
+            continue
+        for tensor in node.input:
+            dq = graph.producer(tensor)
+            q = dq and dq.op_type == "DequantizeLinear" and graph.producer(dq.input[0])
+            if q and q.op_type == "QuantizeLinear" and (src := graph.producer(q.input[0])) is not None \
+                    and src.name.startswith(before):
+                found[q.output[0]] = q
+    if len(found) != 1:
+        raise ValueError(f"no single quantized residual tensor enters decoder layer {layer} (found {sorted(found)})")
+    return next(iter(found.values()))
+
+
+def _extract(graph: _Graph, model: onnx.ModelProto, name: str, inputs: list[str], outputs: list[str],
+             value_info: dict[str, onnx.ValueInfoProto]) -> onnx.ModelProto:
+    """The nodes computing `outputs` from `inputs` (and initializers) as a model of their own."""
+    stop, wanted, keep = set(inputs), list(outputs), set()
+    while wanted:
+        node = graph.producer(wanted.pop())
+        if node is None or id(node) in keep:
+            continue
+        keep.add(id(node))
+        wanted += [t for t in node.input if t and t not in stop and t not in graph.inits]
+    nodes = [n for n in graph.nodes if id(n) in keep and id(n) not in graph._removed]
+    nodes.sort(key=lambda n: graph._order[id(n)])
+    used = {t for n in nodes for t in n.input}
+    part = helper.make_model(
+        helper.make_graph(nodes, name, [value_info[t] for t in inputs], [value_info[t] for t in outputs],
+                          [graph.inits[t] for t in graph.inits if t in used]),
+        opset_imports=model.opset_import, ir_version=model.ir_version)
+    return part
+
+
+def split_device_graph(model: onnx.ModelProto, inputs: list[TensorIO], outputs: list[TensorIO], layers: int,
+                       parts: int) -> list[Part]:
+    """Cut a device-form AR graph into `parts` graphs of consecutive decoder layers (the first with
+    the embedding, the last with the final norm and LM head). A part hands the next its layers'
+    residual stream as the quantized tensor (uint16 and its encoding): Genie passes it on by name,
+    raw, as it passes KV bytes."""
+    if parts == 1:
+        return [(model, inputs, outputs)]
+    shapes = onnx.shape_inference.infer_shapes(_skeleton(model))
+    graph = _Graph(model)  # takes the nodes out of `model`: the parts are new models
+    value_info = {v.name: v for v in [*shapes.graph.value_info, *shapes.graph.input, *shapes.graph.output]}
+    io = {t.name: t for t in [*inputs, *outputs]}
+    ranges = part_ranges(layers, parts)
+    cuts: list[TensorIO] = []
+    for r in ranges[1:]:
+        q = _boundary(graph, r.start)
+        scale, zero, dtype = _quant_io(graph, q)
+        v = value_info[q.output[0]]
+        cut = TensorIO(q.output[0], INT_TYPES[dtype], _value_shape(v), scale, zero)
+        io[cut.name] = cut
+        cuts.append(cut)
+
+    def own(names: list[str], r: range) -> list[str]:
+        return [n for n in names if not n.startswith("past_") or int(n.split("_")[2]) in r]
+
+    base = [t.name for t in inputs]
+    result: list[Part] = []
+    for i, r in enumerate(ranges):
+        part_in = ([cuts[i - 1].name] if i else []) + [n for n in own(base, r) if n != "input_ids" or i == 0]
+        part_out = ([o.name for o in outputs if o.name == "logits"] if i == len(ranges) - 1 else [cuts[i].name]) \
+            + [o.name for o in outputs if o.name.startswith("past_") and int(o.name.split("_")[2]) in r]
+        part = _extract(graph, model, f"{model.graph.name}_{i + 1}_of_{parts}", part_in, part_out, value_info)
+        needed = {t for n in part.graph.node for t in n.input}
+        part_in = [n for n in part_in if n in needed]  # e.g. RoPE tables a part without attention skips
+        del part.graph.input[:]
+        part.graph.input.extend(value_info[n] for n in part_in)
+        result.append((part, [io[n] for n in part_in], [io[n] for n in part_out]))
+    return result
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` without initializer bytes (dims kept): shape inference of a >2 GB model."""
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    for t in skeleton.graph.initializer:
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        del t.external_data[:]
+        t.external_data.add(key="location", value="skeleton")
+    return skeleton
+
+
+def save_graph(model: onnx.ModelProto, dst: Path) -> None:
+    """`model` at `dst` with its weights in `<dst stem>.data`."""
     # no onnx.checker: SimplifiedLayerNormalization is onnxruntime's (default domain), not ONNX's
     for stale in (dst, dst.with_suffix(".data")):
         if stale.exists():
             os.unlink(stale)
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=dst.with_suffix(".data").name, size_threshold=1024)
-    return inputs, outputs
+
+
+def write_device_graphs(src: Path, dst_dir: Path, parts: int) -> list[tuple[str, list[TensorIO], list[TensorIO]]]:
+    """The device form of QDQ graph `src` (see the module doc), in `parts` parts, each saved in
+    `dst_dir` as `<graph name>.onnx` (+ `.data`; with parts, `<graph>_<i>_of_<n>`); returns each
+    part's (graph name, inputs, outputs)."""
+    model = onnx.load(str(src), load_external_data=False)
+    load_weights(model, src.parent)
+    inputs, outputs = device_io(model)
+    layers = sum(t.name.startswith("past_key_") for t in inputs)
+    written = []
+    for part, ins, outs in split_device_graph(model, inputs, outputs, layers, parts):
+        save_graph(part, dst_dir / f"{part.graph.name}.onnx")
+        written.append((part.graph.name, ins, outs))
+    return written

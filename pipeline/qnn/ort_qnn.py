@@ -13,7 +13,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from pipeline.engine.errors import ToolMissing
+from pipeline.engine.errors import KilnError, ToolMissing
 
 EP = "QNNExecutionProvider"
 
@@ -80,3 +80,36 @@ def simulator_session(model: Path, soc_model: int, htp_arch: int) -> Any:
     import onnxruntime as ort
 
     return ort.InferenceSession(str(model), session_options(soc_model, htp_arch))
+
+
+def rename_compiled_graph(ctx_model: Path, name: str) -> str:
+    """Rename the graph an EPContext model runs, in its context binary and in the model, to `name`
+    padded with '_' before its `_<i>_of_<n>` suffix to the old name's length; return the new name.
+
+    onnxruntime-qnn names a compiled graph after a hash (`QNNExecutionProvider_..._<hash>_1_0`) and
+    offers no option to choose it, while Genie orders the parts of a split model by graph names
+    ending `_<i>_of_<n>` (docs/qualcomm.md#model-splitting). The binary stores the name as a
+    length-prefixed string, so a name of the same length replaces it in place; libQnnSystem, the
+    simulator and Genie read the renamed binary back (tests/qnn/test_verify_htp.py)."""
+    import onnx
+
+    model = onnx.load(str(ctx_model))
+    node = next(n for n in model.graph.node if n.op_type == "EPContext")
+    old = node.name
+    stem, _, suffix = name.rpartition("_of_")
+    stem, _, part = stem.rpartition("_")
+    tail = f"_{part}_of_{suffix}"
+    if len(stem) + len(tail) > len(old):
+        stem = stem[: len(old) - len(tail)]
+    new = stem + "_" * (len(old) - len(stem) - len(tail)) + tail
+    attrs = {a.name: a for a in node.attribute}
+    binary = ctx_model.parent / attrs["ep_cache_context"].s.decode()
+    data = binary.read_bytes()
+    if data.count(old.encode()) == 0:
+        raise KilnError(f"{binary.name}: graph {old} is not in the context binary")
+    binary.write_bytes(data.replace(old.encode(), new.encode()))
+    node.name = new
+    if "partition_name" in attrs:
+        attrs["partition_name"].s = new.encode()
+    onnx.save(model, str(ctx_model))
+    return new

@@ -25,7 +25,7 @@ from pipeline.engine.fields import DeviceDir, Prompt
 from pipeline.engine.materialize import link_or_copy
 from pipeline.engine.stage import StageContext, Strict
 from pipeline.engine.templating import ShipsTemplates
-from pipeline.qnn.common import COMPILE, SHARED_BIN, QnnStage, soc_params
+from pipeline.qnn.common import COMPILE, QnnStage, shared_bin, soc_params, split_count
 from pipeline.qnn.genie import config_name
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class QnnPackage(ShipsTemplates, QnnStage):
         sdk = qairt.sdk_root() if qairt.available() else None
         return {**own, "device_dir": own["device_dir"] or DEVICE_DIR.format(recipe=recipe.name),
                 "model": recipe.model.name, "context_length": recipe.spec.context_length,
-                "soc": soc["soc"], "dsp_arch": dsp_arch, "config": config_name(recipe.model.name),
+                "soc": soc["soc"], "dsp_arch": dsp_arch, "config": config_name(recipe.model.name), "parts": split_count(recipe),
                 "libraries": sdk_libraries(dsp_arch), "sdk": str(sdk) if sdk else None,
                 "sdk_version": qairt.sdk_version(sdk) if sdk else None}
 
@@ -83,19 +83,26 @@ class QnnPackage(ShipsTemplates, QnnStage):
         from transformers import AutoTokenizer
 
         from pipeline.engine.templating import render
+        from pipeline.qnn.htp_graph import part_ranges
 
         p = ctx.params
         models = ctx.out / "models"
         models.mkdir()
         for f in sorted((ctx.inputs[COMPILE] / "shared").iterdir()):
             link_or_copy(f, models / f.name)
-        if not (models / SHARED_BIN).exists():
-            raise KilnError(f"qnn.package: qnn.compile wrote no {SHARED_BIN}")
         compiled = json.loads((ctx.inputs[COMPILE] / "compile.json").read_text())
-        shared = compiled["binaries"][f"shared/{SHARED_BIN}"]
-        binary = {"file": f"models/{SHARED_BIN}", "bytes": shared["bytes"], "provider": compiled["provider"],
-                  "soc_model": shared["soc_model"], "htp_arch": shared["info"].get("htp_arch"),
-                  "qnn_build": shared["info"].get("build_id"), "graphs": shared["graphs"]}
+        parts = p["parts"]
+        layers = part_ranges(json.loads((ctx.inputs["model"] / "config.json").read_text())["num_hidden_layers"], parts)
+        binaries = []
+        for i, r in enumerate(layers, 1):
+            name = shared_bin(i, parts)
+            if not (models / name).exists():
+                raise KilnError(f"qnn.package: qnn.compile wrote no {name}")
+            shared = compiled["binaries"][f"shared/{name}"]
+            binaries.append({"file": f"models/{name}", "bytes": shared["bytes"], "provider": compiled["provider"],
+                             "soc_model": shared["soc_model"], "htp_arch": shared["info"].get("htp_arch"),
+                             "qnn_build": shared["info"].get("build_id"), "graphs": shared["graphs"],
+                             **({"layers": f"{r.start}-{r.stop - 1}"} if parts > 1 else {})})
         link_or_copy(ctx.inputs["model"] / "tokenizer.json", ctx.out / "tokenizer.json")
 
         tokenizer = AutoTokenizer.from_pretrained(ctx.inputs["model"])
@@ -121,13 +128,14 @@ class QnnPackage(ShipsTemplates, QnnStage):
             + "".join(f"{name}\t$QNN_SDK_ROOT/{rel}\t{'copied' if name in copied else 'ADD'}\n"
                       for name, rel in p["libraries"].items()))
         values = dict(p, recipe=ctx.recipe_name, prompts={n: n < p["context_length"] for n in prompts},
-                      missing=missing, shared_bin=SHARED_BIN, binary=binary)
+                      missing=missing, binaries=binaries)
         run_sh = ctx.out / "run.sh"
         run_sh.write_text(render("genie/run.sh.j2", **values))
         os.chmod(run_sh, 0o755)
         (ctx.out / "README.md").write_text(render("genie/README.md.j2", **values))
         (ctx.out / "package.json").write_text(json.dumps({
-            "binary": binary,  # as libQnnSystem reads it back (qnn.compile checked it against the recipe)
+            # as libQnnSystem reads them back (qnn.compile checked them against the recipe)
+            **({"binary": binaries[0]} if parts == 1 else {"binaries": binaries}),
             "prompts": {n: len(tokenizer(t, add_special_tokens=False)["input_ids"]) for n, t in prompts.items()},
             "sdk_libraries_copied": copied, "sdk_libraries_missing": missing}, indent=2) + "\n")
         ctx.log.info(f"qnn.package: {len(prompts)} prompt files, SDK libraries "

@@ -135,8 +135,10 @@ def _squeezed(text: str) -> str:
     return "".join(text.split())
 
 
-def htp_step(session: Any, io: dict[str, Any]) -> Any:
-    """A step function (adapted_llama.Step) over a simulator session with quantized device I/O."""
+def htp_step(parts: list[tuple[Any, dict[str, Any]]], names_in: list[str], names_out: list[str]) -> Any:
+    """A step function (adapted_llama.Step) over the simulator sessions of one AR graph's parts, in
+    order, with quantized device I/O: the step's float inputs are quantized for the parts that read
+    them, and what a part hands the next (the residual stream) passes on raw, as Genie passes it."""
     import numpy as np
     import torch
 
@@ -146,14 +148,27 @@ def htp_step(session: Any, io: dict[str, Any]) -> Any:
         info = np.iinfo(t["dtype"])
         return np.clip(np.rint(value / t["scale"]) + t["zero_point"], info.min, info.max).astype(t["dtype"])
 
-    names_out = [t["name"] for t in io["outputs"]]
-
     def step(inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        feed = {t["name"]: to_device(t, x.numpy()) for t, x in zip(io["inputs"], inputs)}
-        outputs = session.run(names_out, feed)
-        return [torch.from_numpy((o.astype(np.float32) - t["zero_point"]) * t["scale"] if t["scale"] else o)
-                for t, o in zip(io["outputs"], outputs)]
+        given = dict(zip(names_in, inputs, strict=True))
+        raw: dict[str, np.ndarray] = {}
+        floats: dict[str, torch.Tensor] = {}
+        for session, io in parts:
+            feed = {t["name"]: raw[t["name"]] if t["name"] in raw else to_device(t, given[t["name"]].numpy())
+                    for t in io["inputs"]}
+            for t, o in zip(io["outputs"], session.run([t["name"] for t in io["outputs"]], feed), strict=True):
+                raw[t["name"]] = o
+                floats[t["name"]] = torch.from_numpy((o.astype(np.float32) - t["zero_point"]) * t["scale"]
+                                                     if t["scale"] else o)
+        return [floats[n] for n in names_out]
     return step
+
+
+def ar_parts(io: dict[str, Any]) -> dict[int, list[str]]:
+    """{AR length: its graphs, part 1 first}, widest AR first (io.json's order)."""
+    out: dict[int, list[str]] = {}
+    for graph, g in sorted(io.items(), key=lambda kv: (-kv[1]["ar"], kv[1].get("part", 1))):
+        out.setdefault(g["ar"], []).append(graph)
+    return out
 
 
 def simulator_numerics(ctx: StageContext, hf: Any, tokenizer: Any) -> dict[str, Any]:
@@ -170,14 +185,17 @@ def simulator_numerics(ctx: StageContext, hf: Any, tokenizer: Any) -> dict[str, 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:p["text_tokens"]]
     ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
     names_in, names_out = io_names(hf.config.num_hidden_layers)
-    for graph, g in io.items():  # steps feed and read tensors in io_names order
-        if [t["name"] for t in g["inputs"]] != names_in or [t["name"] for t in g["outputs"]] != names_out:
-            raise KilnError(f"qnn.verify: {graph}: device I/O in io.json is not the adapted model's I/O")
     sim_steps, cpu_steps = {}, {}
-    for graph, g in io.items():
-        sim_steps[g["ar"]] = htp_step(simulator_session(compiled / "unshared" / f"{graph}.onnx", p["soc_model"],
-                                                        p["htp_arch"]), g)
-        cpu_steps[g["ar"]] = ort_step(ort_session(quantized / f"{graph}.qdq.onnx"), names_in, names_out)
+    for ar, graphs in ar_parts(io).items():
+        # the parts of one AR graph read the adapted model's inputs and together write its outputs
+        read = {t["name"] for g in graphs for t in io[g]["inputs"]}
+        written = {t["name"] for g in graphs for t in io[g]["outputs"]}
+        if not read - written <= set(names_in) or not set(names_out) <= written:
+            raise KilnError(f"qnn.verify: AR-{ar}: device I/O in io.json is not the adapted model's I/O")
+        sim_steps[ar] = htp_step([(simulator_session(compiled / "unshared" / f"{g}.onnx", p["soc_model"], p["htp_arch"]),
+                                   io[g]) for g in graphs], names_in, names_out)
+        whole = io[graphs[0]].get("whole", graphs[0])  # the CPU runs the QDQ graph uncut
+        cpu_steps[ar] = ort_step(ort_session(quantized / f"{whole}.qdq.onnx"), names_in, names_out)
     t0 = time.monotonic()
     sim_logits, generated = prefill_and_decode(sim_steps, hf, ids, p["decode_steps"], p["context_length"])
     seconds = time.monotonic() - t0
@@ -206,7 +224,7 @@ def genie_answers(ctx: StageContext, hf: Any, tokenizer: Any) -> dict[str, Any]:
     io = json.loads((compiled / "io.json").read_text())
     work = ctx.out / "genie"
     work.mkdir()
-    bins = [f"{g}_qnn.bin" for g, _ in sorted(io.items(), key=lambda kv: -kv[1]["ar"])]
+    bins = [f"{g}_qnn.bin" for g, _ in sorted(io.items(), key=lambda kv: (kv[1].get("part", 1), -kv[1]["ar"]))]
     for name in bins:
         link_or_copy(compiled / "unshared" / name, work / name)
     link_or_copy(ctx.inputs["model"] / "tokenizer.json", work / "tokenizer.json")

@@ -41,8 +41,8 @@ def _config(recipe: Recipe) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def planned_parameters(recipe: Recipe) -> int | None:
-    """Parameters of a Llama-style decoder from its config (None when unknown here)."""
+def _shape(recipe: Recipe) -> dict[str, int] | None:
+    """hidden, layers, vocab, KV width and parameters per decoder layer of a Llama-style config."""
     c = _config(recipe)
     try:
         h, i, layers, v = (int(c[k]) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size"))
@@ -51,9 +51,35 @@ def planned_parameters(recipe: Recipe) -> int | None:
         head_dim = int(c.get("head_dim") or h // heads)
     except (TypeError, KeyError, ValueError, ZeroDivisionError):
         return None
-    attention = h * head_dim * (2 * heads + 2 * kv)
-    per_layer = attention + 3 * h * i + 2 * h
-    return v * h * (1 if c.get("tie_word_embeddings") else 2) + layers * per_layer + h
+    return {"hidden": h, "layers": layers, "vocab": v, "kv_width": kv * head_dim, "tied": int(bool(c.get("tie_word_embeddings"))),
+            "per_layer": h * head_dim * (2 * heads + 2 * kv) + 3 * h * i + 2 * h}
+
+
+def planned_layers(recipe: Recipe) -> int | None:
+    shape = _shape(recipe)
+    return shape["layers"] if shape else None
+
+
+def planned_parameters(recipe: Recipe) -> int | None:
+    """Parameters of a Llama-style decoder from its config (None when unknown here)."""
+    s = _shape(recipe)
+    return None if s is None else s["vocab"] * s["hidden"] * (2 - s["tied"]) + s["layers"] * s["per_layer"] + s["hidden"]
+
+
+def htp_part_bytes(recipe: Recipe, parts: int) -> list[int] | None:
+    """What each of `parts` parts would ask of HTP memory: its layers' weights at the scheme's
+    weight bits and their KV cache at the context length (KV bits), the first part with the embedding
+    table (16-bit codes: it is stored on its Gather output's grid) and the last with the LM head."""
+    s = _shape(recipe)
+    if s is None:
+        return None
+    size, extra = divmod(s["layers"], parts)
+    weight_bits, kv_bits = recipe.scheme.weights.bits, recipe.scheme.kv_cache.bits
+    kv_per_layer = 2 * s["kv_width"] * recipe.spec.context_length * kv_bits // 8
+    out = [(size + (i < extra)) * (s["per_layer"] * weight_bits // 8 + kv_per_layer) for i in range(parts)]
+    out[0] += s["vocab"] * s["hidden"] * 2
+    out[-1] += s["vocab"] * s["hidden"] * weight_bits // 8
+    return out
 
 
 def peak_estimate(recipe: Recipe, what: str) -> int | None:

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.qnn.htp_graph import TensorIO, write_device_graph
+from pipeline.qnn.htp_graph import TensorIO, write_device_graphs
 
 V, H, OUT, BLOCK = 16, 8, 4, 4
 
@@ -85,10 +85,13 @@ def quantized(t: TensorIO, values: np.ndarray) -> np.ndarray:
 
 def test_device_graph_is_exact_with_quantized_io(tmp_path):
     toy_qdq(tmp_path / "toy.onnx")
-    ins, outs = write_device_graph(tmp_path / "toy.onnx", tmp_path / "dev.onnx")
+    (tmp_path / "device").mkdir()
+    [(name, ins, outs)] = write_device_graphs(tmp_path / "toy.onnx", tmp_path / "device", parts=1)
+    assert name == "toy"
+    dev = tmp_path / "device" / "toy.onnx"
     kinds = {t.name: t.dtype for t in ins + outs}
     assert kinds == {"ids": "int32", "bias": "uint16", "kv_in": "uint8", "y": "uint16", "kv_out": "uint8"}
-    device = onnx.load(str(tmp_path / "dev.onnx"))
+    device = onnx.load(str(dev))
     # the input Qs are gone (the device feeds codes); the output Qs now write the graph outputs
     assert sorted(n.name for n in device.graph.node if n.op_type == "QuantizeLinear") == ["emb_Q", "kvo_Q", "sum_Q", "y_Q"]
     assert not [n for n in device.graph.node if n.op_type == "DequantizeLinear" and n.output[0] in ("y", "kv_out")]
@@ -105,7 +108,7 @@ def test_device_graph_is_exact_with_quantized_io(tmp_path):
         if t.scale is not None:
             floats[t.name] = ((feed[t.name].astype(np.float32) - t.zero_point) * t.scale).astype(np.float32)
     reference = ort.InferenceSession(str(tmp_path / "toy.onnx")).run(None, floats)
-    device_out = ort.InferenceSession(str(tmp_path / "dev.onnx")).run(None, feed)
+    device_out = ort.InferenceSession(str(dev)).run(None, feed)
     for t, ref, got in zip(outs, reference, device_out):
         assert np.array_equal(quantized(t, ref), got), t.name
 
@@ -115,6 +118,7 @@ def test_onnxruntime_qnn_compiles_the_device_graph_whole(tmp_path):
     from pipeline.qnn.ort_qnn import compile_graph
 
     toy_qdq(tmp_path / "toy.onnx")
-    write_device_graph(tmp_path / "toy.onnx", tmp_path / "dev.onnx")
-    compile_graph(tmp_path / "dev.onnx", tmp_path / "ctx.onnx", 69, 79, {})  # CPU fallback off: fails if split
+    (tmp_path / "device").mkdir()
+    [(name, _, _)] = write_device_graphs(tmp_path / "toy.onnx", tmp_path / "device", parts=1)
+    compile_graph(tmp_path / "device" / f"{name}.onnx", tmp_path / "ctx.onnx", 69, 79, {})  # CPU fallback off: fails if split
     assert [n.op_type for n in onnx.load(str(tmp_path / "ctx.onnx")).graph.node] == ["EPContext"]

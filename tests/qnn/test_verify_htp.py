@@ -33,3 +33,47 @@ def test_simulator_and_genie_agree_with_the_float_model(tiny_htp_project):
     assert dialog["engine"]["model"]["binary"]["ctx-bins"] == ["tiny-llama_ar16_cl64_qnn.bin", "tiny-llama_ar1_cl64_qnn.bin"]
     assert (out / "genie.log").exists()
     assert "| simulator vs cpu qdq | 1.000 |" in (out / "report.md").read_text()
+
+
+def test_a_model_cut_in_two_parts_runs_on_the_simulator_and_in_genie(tiny_htp_project):
+    """num_splits: 2 on the 2-layer model: part 1 = embedding + layer 0, part 2 = layer 1 + norm + LM
+    head; each part's AR graphs share one binary; the simulator chains the parts and Genie, given
+    every part, answers like the float model (and like the uncut build)."""
+    tiny_htp_project.write("split.yaml", RECIPE.replace("{finalization_level: 1}", "{finalization_level: 1, num_splits: 2}"))
+    tiny_htp_project.write("tv.yaml", RECIPE)
+    tiny_htp_project.doit("recipe=tv", "tv:qnn.verify")
+    tiny_htp_project.doit("recipe=split", "split:qnn.verify", "split:qnn.genie_config", "split:qnn.package")
+    compiled = tiny_htp_project.artifacts / "split" / "qnn.compile"
+    io = json.loads((compiled / "io.json").read_text())
+    assert sorted(io) == ["tiny-llama_ar16_cl64_1_of_2", "tiny-llama_ar16_cl64_2_of_2",
+                          "tiny-llama_ar1_cl64_1_of_2", "tiny-llama_ar1_cl64_2_of_2"]
+    first, second = io["tiny-llama_ar16_cl64_1_of_2"], io["tiny-llama_ar16_cl64_2_of_2"]
+    names = {g: {d: [t["name"] for t in v[d]] for d in ("inputs", "outputs")} for g, v in (("1", first), ("2", second))}
+    handed = [t for t in first["outputs"] if not t["name"].startswith("past_")]
+    assert [t["name"] for t in handed] == [n for n in names["2"]["inputs"] if not n.startswith(("past_", "att", "pos"))]
+    assert handed[0]["dtype"] == "uint16" and handed[0]["scale"] > 0 and handed[0]["shape"] == [1, 16, 64]
+    assert {"input_ids", "past_key_0_in"} <= set(names["1"]["inputs"]) and "logits" in names["2"]["outputs"]
+    assert "past_key_1_in" not in names["1"]["inputs"] and "input_ids" not in names["2"]["inputs"]
+    report = json.loads((compiled / "compile.json").read_text())
+    assert not report["problems"]
+    shared = {b: v for b, v in report["binaries"].items() if b.startswith("shared/")}
+    assert sorted(shared) == [f"shared/weight_sharing_model_{i}_of_2.serialized.bin" for i in (1, 2)]
+    assert all(sorted(g["ar"] for g in v["graphs"].values()) == [1, 16] and v["soc_model"] == 69 for v in shared.values())
+
+    verify = json.loads((tiny_htp_project.artifacts / "split" / "qnn.verify" / "verify.json").read_text())
+    assert verify["numerics"]["simulator_vs_cpu_qdq"]["top1_agreement"] == 1.0
+    [answer] = verify["genie"]["answers"]
+    assert answer["match"] and answer["genie_tokens"] == 3, answer
+    whole = json.loads((tiny_htp_project.artifacts / "tv" / "qnn.verify" / "verify.json").read_text())
+    assert answer["genie"] == whole["genie"]["answers"][0]["genie"]  # the uncut build's answer
+    package = tiny_htp_project.artifacts / "split" / "qnn.package"
+    binaries = json.loads((package / "package.json").read_text())["binaries"]
+    assert [b["file"] for b in binaries] == ["models/weight_sharing_model_1_of_2.serialized.bin",
+                                             "models/weight_sharing_model_2_of_2.serialized.bin"]
+    assert [b["layers"] for b in binaries] == ["0-0", "1-1"] and all((package / b["file"]).is_file() for b in binaries)
+    assert "| `models/weight_sharing_model_2_of_2.serialized.bin` | part 2 of 2 (decoder layers 1-1)" in (
+        package / "README.md").read_text()
+    dialog = json.loads((tiny_htp_project.artifacts / "split" / "qnn.genie_config" / "htp-model-config-tiny-llama.json")
+                        .read_text())
+    assert dialog["dialog"]["engine"]["model"]["binary"]["ctx-bins"] == [
+        "models/weight_sharing_model_1_of_2.serialized.bin", "models/weight_sharing_model_2_of_2.serialized.bin"]

@@ -106,8 +106,8 @@ def test_missing_required_field(project, monkeypatch):
 
 def test_model_needs_exactly_one_source(project, monkeypatch):
     project.write("r.yaml", BASE.replace("  gguf: /nonexistent/m.gguf\n", "  gguf: a.gguf\n  hf_dir: d\n"))
-    assert "r.yaml:1: model: give exactly one of embedded, hf_dir, hub_id, gguf, synthetic (got hf_dir, gguf)" in error_of(project,
-                                                                                                                monkeypatch)
+    expected = "r.yaml:1: model: give exactly one of embedded, hf_dir, hub_id, gguf, synthetic (got hf_dir, gguf)"
+    assert expected in error_of(project, monkeypatch)
 
 
 def test_yaml_syntax_error_has_line(project, monkeypatch):
