@@ -178,6 +178,14 @@ def rope_tables(hf_model: nn.Module, positions: torch.Tensor) -> tuple[torch.Ten
     return cos[..., :half][:, None].float(), sin[..., :half][:, None].float()
 
 
+def release_weights(hf_model: nn.Module) -> None:
+    """Empty the HF model's parameters once nothing needs its forward pass: `step_inputs` (what every
+    AR step needs of it) reads only its config and RoPE buffers. At 1B that is 5 GB that would
+    otherwise sit beside an onnxruntime session holding the same weights."""
+    for param in hf_model.parameters():
+        param.data = torch.empty(0)
+
+
 def step_inputs(hf_model: nn.Module, ids: list[int], start: int, ar: int, context: int,
                 past: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """Inputs of one AR step: `ids` (≤ ar tokens, right-padded) at absolute position `start`.

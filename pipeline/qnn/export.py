@@ -80,7 +80,7 @@ class QnnExport(GraphStage):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][: min(p["check_tokens"], context - 1)]
         bos = tokenizer.bos_token_id
         ids = ([bos] if bos is not None else []) + ids[: min(p["check_tokens"], context - 1) - (bos is not None)]
-        report, vectors = compare_with_hf(hf, onnx_path, names_in, names_out, ids, ar, context, release_weights=True)
+        report, vectors = compare_with_hf(hf, onnx_path, names_in, names_out, ids, ar, context, free_hf=True)
         np.savez_compressed(ctx.out / "test_vectors.npz", **vectors)
         report.update(graph=p["graph"], ar=ar, context_length=context, inputs=names_in[:4] + ["past_*_in"],
                       outputs=["logits", "past_*_out"])

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from pipeline.qnn.adapted_llama import Step, run_steps
+from pipeline.qnn.adapted_llama import Step, release_weights, run_steps
 
 
 def ort_session(onnx_path: Path) -> ort.InferenceSession:
@@ -32,17 +32,16 @@ def ort_step(session: ort.InferenceSession, names_in: list[str], names_out: list
 
 
 def compare_with_hf(hf: torch.nn.Module, onnx_path: Path, names_in: list[str], names_out: list[str],
-                    ids: list[int], ar: int, context: int, release_weights: bool = False
+                    ids: list[int], ar: int, context: int, free_hf: bool = False
                     ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Feed `ids` through the graph in steps of `ar` tokens; return (figures, first step's test vectors).
-    `release_weights` empties `hf`'s parameters once its logits are computed (the graph's steps
+    `free_hf` empties `hf`'s parameters once its logits are computed (the graph's steps
     need only its config and RoPE tables): the float model and the onnxruntime session of the same
     weights are never in memory together."""
     with torch.no_grad():
         reference = hf(torch.tensor([ids])).logits[0].numpy()
-    if release_weights:
-        for param in hf.parameters():
-            param.data = torch.empty(0)
+    if free_hf:
+        release_weights(hf)
     vectors: dict[str, np.ndarray] = {}
     logits = run_steps(ort_step(ort_session(onnx_path), names_in, names_out, vectors), hf, ids, ar, context,
                        label=f"onnxruntime vs HF (AR-{ar})").numpy()

@@ -131,7 +131,7 @@ class QnnQuantize(GraphStage):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from pipeline.qnn.adapted_llama import AdaptedLlama, ar_perplexity, io_names, torch_step
+        from pipeline.qnn.adapted_llama import AdaptedLlama, ar_perplexity, io_names, release_weights, torch_step
         from pipeline.qnn.onnx_check import ort_session, ort_step
         from pipeline.qnn.quant import encodings, qdq
 
@@ -174,6 +174,8 @@ class QnnQuantize(GraphStage):
         engine = _aimet_engine if scheme["engine"] == "aimet" else _kiln_engine
         params, acts, sim_step, rows, timings = engine(ctx, cal, float_onnx, structure, algorithm)
         ppl_sim = timed(f"{scheme['engine']} sim PPL", ppl, sim_step)
+        del sim_step  # the sim's weight copies; the QDQ graphs below are built from `params`
+        release_weights(hf)  # from here on only its config and RoPE tables are read
         act_bits = scheme["activations"]
         encodings.check_device_rules(acts, {n: q.encoding for n, q in params.items()}, scheme["kv_cache"],
                                      qdq.conv_weights(structure), f"quantize ({scheme['engine']} engine)")

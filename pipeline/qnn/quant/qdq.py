@@ -68,12 +68,12 @@ def conv_weights(model: onnx.ModelProto) -> set[str]:
     return {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
 
 
-def load_weights(model: onnx.ModelProto, base: Path) -> None:
-    """Read external weight data into `model`. onnx's own loader refuses files with several hard
-    links, and store entries are hard-linked into workspaces, hence this reader; a location must
-    be a plain file name beside the model."""
+def load_weights(model: onnx.ModelProto, base: Path, skip: set[str] | dict | None = None) -> None:
+    """Read external weight data into `model` (but the initializers named in `skip`). onnx's own
+    loader refuses files with several hard links, and store entries are hard-linked into
+    workspaces, hence this reader; a location must be a plain file name beside the model."""
     for t in model.graph.initializer:
-        if not external_data_helper.uses_external_data(t):
+        if not external_data_helper.uses_external_data(t) or (skip and t.name in skip):
             continue
         info = {e.key: e.value for e in t.external_data}
         if Path(info["location"]).name != info["location"]:
@@ -180,7 +180,7 @@ def build_qdq(src: Path, dst: Path, graph_name: str, params: dict[str, QuantPara
               activations: dict[str, Encoding]) -> None:
     """Write the QDQ model of `src` to `dst` (+ `<dst stem>.data`)."""
     model = load_structure(src)
-    load_weights(model, src.parent)
+    load_weights(model, src.parent, skip=params)  # the quantized weights replace those: never read them
     model = version_converter.convert_version(model, OPSET)
     model.ir_version = 10  # INT4 needs IR 10; onnxruntime 1.31 reads up to 13
     g = model.graph
