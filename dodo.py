@@ -5,11 +5,10 @@ Thin on purpose: read the variable, plan, hand doit one task per stage.
 """
 from doit import get_var
 
-from pipeline.cli.doit_tasks import load_or_exit, stage_tasks
+from pipeline.cli.doit_tasks import load_or_exit, settings_or_exit, stage_tasks
 from pipeline.cli.store_tasks import store_tasks
-from pipeline.engine.settings import Settings
 
-SETTINGS = Settings.from_env()
+SETTINGS = settings_or_exit()
 RECIPE, SPECS = load_or_exit(get_var("recipe", SETTINGS.default_recipe), SETTINGS)
 DOIT_CONFIG = {"default_tasks": [RECIPE.name]}
 

@@ -23,6 +23,15 @@ from pipeline.recipe.load import Recipe
 from pipeline.registry import load_recipe
 
 
+def settings_or_exit() -> Settings:
+    """Settings from the environment and pyproject; a bad value ends the process with the message, exit 2."""
+    try:
+        return Settings.from_env()
+    except KilnError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def load_or_exit(name: str, settings: Settings) -> tuple[Recipe, list[StageSpec]]:
     """Recipe errors end the process with the message alone (no traceback), exit 2."""
     try:

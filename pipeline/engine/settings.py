@@ -42,7 +42,7 @@ class Settings:
             recipes_dir=Path(os.environ.get("KILN_RECIPES", ROOT / "recipes")).resolve(),
             artifacts=Path(os.environ.get("KILN_ARTIFACTS", ROOT / "artifacts")).resolve(),
             default_recipe=os.environ.get("KILN_DEFAULT_RECIPE", conf.get("default_recipe", "")),
-            heavy_slots=int(os.environ.get("KILN_HEAVY_SLOTS", conf.get("heavy_slots", 1))),
+            heavy_slots=_heavy_slots(os.environ.get("KILN_HEAVY_SLOTS") or conf.get("heavy_slots", 1)),
             memory_gb=_memory_gb(os.environ.get("KILN_MEMORY_GB") or conf.get("memory_gb")),
         )
 
@@ -59,6 +59,16 @@ class Settings:
             return str(path.resolve().relative_to(Path.cwd()))
         except ValueError:
             return str(path)
+
+
+def _heavy_slots(value: Any) -> int:
+    try:
+        slots = int(value)
+    except (TypeError, ValueError):
+        slots = 0
+    if not 1 <= slots <= 256:
+        raise KilnError(f"KILN_HEAVY_SLOTS / [tool.kiln].heavy_slots: {str(value)[:40]!r} is not a slot count (1 to 256)")
+    return slots
 
 
 def _memory_gb(value: Any) -> float | None:
