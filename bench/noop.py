@@ -1,6 +1,8 @@
 """(a) No-op `doit recipe=X` over ≥5 GB of stage outputs vs doit's md5 `file_dep` on the same files.
 
 Run: .venv/bin/python bench/noop.py [--gb 5] [--dir /tmp/kiln-bench]
+     .venv/bin/python bench/noop.py --built --recipe llama31_8b_rk3568_synthetic --runs 3
+       (a recipe as built in the configured store and workspace: every file of its workspace)
 Kiln decides up-to-date from keys (no output is read); a plain dodo with
 `file_dep` on the outputs re-hashes all of them with md5 once their mtimes
 move (`touch`). Prints wall times of both as processes and of the doit run
@@ -54,12 +56,25 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/kiln-bench"))
     ap.add_argument("--recipe", default="smollm2_135m_host")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--built", action="store_true", help="measure --recipe as built in the configured store")
     a = ap.parse_args()
     base = a.dir / "noop"
-    specs = populate_store(base, a.recipe, a.gb / 2)
-    files = sorted(str(f) for s in specs for f in s.workspace.rglob("*.bin"))
+    base.mkdir(parents=True, exist_ok=True)
+    if a.built:
+        from pipeline.engine.plan import plan
+        from pipeline.engine.runner import ENTRY_MARK
+        from pipeline.engine.settings import Settings
+        from pipeline.registry import load_recipe
+
+        specs = plan(load_recipe(a.recipe, Settings.from_env()))
+        files = sorted(str(f) for s in specs for f in s.workspace.rglob("*")
+                       if f.is_file() and not f.is_symlink() and f.name != ENTRY_MARK)
+        env = dict(os.environ)
+    else:
+        specs = populate_store(base, a.recipe, a.gb / 2)
+        files = sorted(str(f) for s in specs for f in s.workspace.rglob("*.bin"))
+        env = bench_env(base)
     total = sum(os.path.getsize(f) for f in files) / GB
-    env = bench_env(base)
     py = sys.executable
 
     def kiln_proc() -> None:
