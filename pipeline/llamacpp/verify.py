@@ -58,7 +58,7 @@ class LlamacppVerify(PerQuantType):
         prefix = emulator(p["qemu_cpu"]) if p["arch"] == "aarch64" else []
         ctx.log.info(f"llama-completion: {p['n_predict']} tokens{' under qemu (emulated: ~1-2 tokens/s)' if prefix else ''}")
         done = run_tool([*prefix, bin_dir / "llama-completion", "-m", model, "-p", p["prompt"], "-n", p["n_predict"],
-                         "--temp", "0", "-s", "0", "-t", threads(), "-no-cnv"], capture=True, timeout=1800)
+                         "-c", p["ctx"], "--temp", "0", "-s", "0", "-t", threads(), "-no-cnv"], capture=True, timeout=1800)
         text = done.stdout
         print(done.stderr[-2000:])
         if not text.strip().startswith(p["prompt"][:20]) or len(text.strip()) <= len(p["prompt"]):

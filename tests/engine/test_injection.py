@@ -100,8 +100,8 @@ def test_genie_run_sh(project, monkeypatch, box, tmp_path):
     for name in p["libraries"]:
         (box["bundle"] / name).write_text("stand-in library")
     values = dict(p, recipe="r", prompts={1024: True, 4096: False}, missing=list(p["libraries"]),
-                  shared_bin="model.bin", binary={"file": "models/model.bin", "bytes": 1, "provider": "ort-qnn",
-                                                  "soc_model": 69, "htp_arch": 79, "qnn_build": H, "graphs": {}})
+                  binaries=[{"file": "models/model.bin", "bytes": 1, "provider": "ort-qnn", "soc_model": 69,
+                             "htp_arch": 79, "qnn_build": H, "graphs": {}}])
     script = render("genie/run.sh.j2", **values)
     assert H in render("genie/README.md.j2", **values)
     (device / "models").mkdir(parents=True)
@@ -125,6 +125,7 @@ def test_llamacpp_run_sh(project, monkeypatch, box, tmp_path):
     qemu = [c["argv"] for c in calls if c["tool"] == "qemu-aarch64-static"]
     assert len(qemu) == 1 and qemu[0][:3] == ["-cpu", "cortex-a76", "./bin/llama-completion"]
     assert qemu[0][qemu[0].index("-p") + 1] == H_TEXT  # the prompt, intact
+    assert qemu[0][qemu[0].index("-c") + 1] == str(r.spec.context_length)  # never the training context
     calls = run_script(box, script, "models/" + H_DIR, H)
     qemu = [c["argv"] for c in calls if c["tool"] == "qemu-aarch64-static"][0]
     assert qemu[qemu.index("-m") + 1] == "models/" + H_DIR and qemu[qemu.index("-p") + 1] == H
