@@ -63,12 +63,8 @@ def perplexity_variants(recipe: Recipe) -> list[str]:
 
 
 def verify_params(recipe: Recipe, gguf_type: str) -> dict[str, Any]:
-    """What llamacpp.verify runs for one quant type (the package's README repeats it). `ctx` is the
-    recipe's context length: without -c llama.cpp sizes the KV cache for the model's training
-    context (131072 tokens for Llama-3.1-8B: 16 GB, more than an RK3568 board has;
-    docs/llamacpp.md#context-size)."""
-    return {**recipe.stage_params(VERIFY), "qemu_cpu": recipe.target.cpu.qemu_cpu, "arch": recipe.target.cpu.arch,
-            "ctx": recipe.spec.context_length}
+    """What llamacpp.verify runs for one quant type (the package's README repeats it)."""
+    return {**recipe.stage_params(VERIFY), "qemu_cpu": recipe.target.cpu.qemu_cpu, "arch": recipe.target.cpu.arch}
 
 
 class LlamacppStage(Stage):

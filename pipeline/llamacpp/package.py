@@ -36,7 +36,7 @@ class LlamacppPackage(ShipsTemplates, LlamacppStage):
         return {"recipe_description": recipe.spec.description, "model": recipe.model.name,
                 "target": recipe.target.model_dump(mode="json"), "primary": primary,
                 "models": [gguf_name(recipe.model.name, t) for t in shipped_types(recipe)],
-                "verify": verify_params(recipe, primary)}
+                "verify": {**verify_params(recipe, primary), "ctx": recipe.spec.context_length}}  # as llamacpp.verify runs
 
     def run(self, ctx: StageContext) -> None:
         from pipeline.engine.templating import render

@@ -49,7 +49,9 @@ class LlamacppVerify(PerQuantType):
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str) -> dict[str, Any]:
-        return verify_params(recipe, variant)
+        # -c: without it llama.cpp sizes the KV cache for the model's training context (131072 tokens
+        # for Llama-3.1-8B: 16 GB, more than an RK3568 board has; docs/llamacpp.md#context-size)
+        return {**verify_params(recipe, variant), "ctx": recipe.spec.context_length}
 
     def run(self, ctx: StageContext) -> None:
         p = ctx.params
