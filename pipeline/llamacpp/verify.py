@@ -4,6 +4,7 @@ Figures are labelled emulated: they say the binaries work, not how fast the boar
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,10 @@ if TYPE_CHECKING:
     from pipeline.recipe.load import Recipe
 
 SEED_PROMPT = "I believe the meaning of life is"
+
+
+# llama.cpp's timing summary: "common_perf_print:        eval time =   17615.49 ms /     3 runs"
+_DECODE_RUNS = re.compile(r"(?<!prompt )eval time =\s*[\d.]+ ms /\s*(\d+) runs")
 
 
 class VerifyParams(Strict):
@@ -63,7 +68,12 @@ class LlamacppVerify(PerQuantType):
                          "-c", p["ctx"], "--temp", "0", "-s", "0", "-t", threads(), "-no-cnv"], capture=True, timeout=1800)
         text = done.stdout
         print(done.stderr[-2000:])
-        if not text.strip().startswith(p["prompt"][:20]) or len(text.strip()) <= len(p["prompt"]):
+        # tokens sampled: one after the prompt's evaluation, one per decode run after it. A model may
+        # well sample tokens that print nothing (whitespace, special tokens: a shape rehearsal's random
+        # weights do), so the count, not the visible text, says whether it generated.
+        runs = _DECODE_RUNS.search(done.stderr)
+        generated = int(runs.group(1)) + 1 if runs else 0
+        if not text.strip().startswith(p["prompt"][:20]) or not (generated or len(text.strip()) > len(p["prompt"])):
             raise KilnError(f"llama-completion produced no continuation: {text!r}")
         bench = run_tool([*prefix, bin_dir / "llama-bench", "-m", model, "-p", p["bench_prompt"],
                           "-n", p["bench_gen"], "-r", "1", "-t", threads(), "-o", "json"], capture=True, timeout=1800)
@@ -71,6 +81,7 @@ class LlamacppVerify(PerQuantType):
         figures = [{"test": "pp" if r["n_prompt"] else "tg", "tokens": r["n_prompt"] or r["n_gen"],
                     "tokens_per_s": round(r["avg_ts"], 3)} for r in rows]
         result = {"type": ctx.variant, "file": model.name, "prompt": p["prompt"], "completion": text,
+                  "generated_tokens": generated,
                   "bench": figures, "label": f"emulated: qemu-aarch64-static -cpu {p['qemu_cpu']} on x86_64"}
         (ctx.out / "verify.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         ctx.log.info(f"{model.name} ({result['label']}): {text.strip()!r}; bench {figures}")
