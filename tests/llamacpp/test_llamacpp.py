@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from pipeline.engine import tools
+from pipeline.engine.errors import KilnError
 from pipeline.engine.plan import plan
 from pipeline.engine.templating import render
 from pipeline.generic.text import overlap
@@ -213,3 +214,22 @@ def test_text_dataset_missing_from_cache_says_how_to_get_it(project, monkeypatch
     project.write("r.yaml", RK + "text:\n  evaluation: {hf_dataset: org/absent, path: test.txt}\n")
     spec = {s.stage: s for s in plan(load_recipe("r", project.settings(monkeypatch)))}["text"]
     assert "hf download --repo-type dataset org/absent test.txt" in spec.blocked
+
+
+def test_ship_primary_keeps_the_other_types_out_of_the_bundle_and_every_key(project, monkeypatch):
+    three = RK.replace("gguf_types: [Q4_K_M]", "gguf_types: [Q2_K, Q8_0, Q4_K_M]")
+    project.write("r.yaml", three)
+    every = {s.stage: s for s in plan(load_recipe("r", project.settings(monkeypatch)))}
+    project.write("r.yaml", three + "stages:\n  llamacpp.quantize: {ship: primary}\n")
+    primary = {s.stage: s for s in plan(load_recipe("r", project.settings(monkeypatch)))}
+    quantized = {n for n in every["bundle"].input_nodes if n.startswith("llamacpp.quantize@")}
+    assert quantized == {"llamacpp.quantize@Q2_K", "llamacpp.quantize@Q8_0", "llamacpp.quantize@Q4_K_M"}
+    assert [n for n in primary["bundle"].input_nodes if n.startswith("llamacpp.quantize@")] == ["llamacpp.quantize@Q2_K"]
+    assert primary["llamacpp.package"].material["params"]["models"] == ["m-Q2_K.gguf"]
+    # every variant is still built, verified and measured, under the same keys
+    for node in ("llamacpp.quantize@Q8_0", "llamacpp.quantize@Q4_K_M", "llamacpp.verify@Q8_0", "llamacpp.perplexity@Q4_K_M",
+                 "llamacpp.report"):
+        assert primary[node].key == every[node].key, node
+    project.write("r.yaml", three + "stages:\n  llamacpp.quantize: {ship: first}\n")
+    with pytest.raises(KilnError, match=r"r.yaml:\d+: .*ship"):
+        load_recipe("r", project.settings(monkeypatch))
