@@ -245,6 +245,7 @@ EngineResult = tuple[dict[str, "QuantParam"], dict[str, "Encoding"], "Step", lis
 def _kiln_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structure: Any, algorithm: str) -> EngineResult:
     """Kiln's PTQ: weights by the algorithm in torch (sequentially for SeqMSE/GPTQ), activation
     ranges on the weight-quantized graph in onnxruntime, KV encodings from the torch sim."""
+    from pipeline.qnn.adapted_llama import release_weights
     from pipeline.qnn.quant import qdq
     from pipeline.qnn.quant.flow import calibrated_sim, float16_ratio, pick_device, quantize_model
 
@@ -263,6 +264,9 @@ def _kiln_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structur
         ctx.log.info(f"{len(wide)} weights per-channel: blocks of {block} do not divide their input width "
                      f"(e.g. {wide[0]})")
     sim = calibrated_sim(cal.hf, params, scheme, cal.prompts, cal.ar, cal.context)
+    # the sim holds the weights the graphs will carry (or views of the HF model's where they are
+    # the same): the HF model's own copies go before onnxruntime loads the weights once more
+    release_weights(cal.hf)
     act_bits, ratio = scheme["activations"], float16_ratio(scheme)
     # activation statistics on the weight-quantized graph (as the sim's)
     tensors = [t for t in qdq.activation_tensors(structure) if not t.startswith("past_")]
