@@ -126,7 +126,7 @@ class Model(Stage):
                    "pad_token_id": None, "dtype": ctx.params["dtype"]}
         config.pop("torch_dtype", None)
         try:
-            model = synthetic.meta_model(config)
+            model = synthetic.meta_model(config, f"model.synthetic.config {ctx.sources['config']}")
         except (ValueError, TypeError, KeyError) as e:
             raise KilnError(f"model.synthetic.config {ctx.sources['config']}: transformers refuses it: {e}") from e
         synthetic.check_size(model, len(tokenizer), f"model.synthetic.config {ctx.sources['config']}")

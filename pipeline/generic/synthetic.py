@@ -24,9 +24,8 @@ SHARD_BYTES = 2 << 30  # a shard is written whole: this (or the largest tensor) 
 
 
 def read_config(path: Path, where: str) -> dict[str, Any]:
-    """The HF config, checked: a JSON object naming a model type transformers knows, sane sizes."""
-    from transformers import CONFIG_MAPPING
-
+    """The HF config, checked cheaply (it runs at plan time: no transformers import): a JSON object
+    with a model type and sane sizes; `meta_model` then checks transformers knows the type."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -34,9 +33,8 @@ def read_config(path: Path, where: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise KilnError(f"{where}: model.synthetic.config: {path}: a Hugging Face config.json is a JSON object")
     kind = doc.get("model_type")
-    if not isinstance(kind, str) or kind not in CONFIG_MAPPING:
-        raise KilnError(f"{where}: model.synthetic.config: {path}: model_type {kind!r} is not an architecture "
-                        f"transformers knows")
+    if not isinstance(kind, str) or not kind:
+        raise KilnError(f"{where}: model.synthetic.config: {path}: model_type {kind!r} is not an architecture name")
     for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         value = doc.get(field)
         if type(value) is not int or not 1 <= value <= MAX_DIMENSION:
@@ -45,11 +43,13 @@ def read_config(path: Path, where: str) -> dict[str, Any]:
     return doc
 
 
-def meta_model(config: dict[str, Any]) -> Any:
+def meta_model(config: dict[str, Any], where: str = "model.synthetic.config") -> Any:
     """The architecture with no storage behind its tensors: names, shapes and tying, for free."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
+    if config["model_type"] not in CONFIG_MAPPING:
+        raise KilnError(f"{where}: model_type {config['model_type']!r} is not an architecture transformers knows")
     cfg = AutoConfig.for_model(**config)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(cfg)
