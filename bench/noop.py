@@ -22,7 +22,7 @@ from pipeline import ROOT  # noqa: E402
 
 MD5_DODO = '''
 import json, os
-FILES = json.loads(os.environ["BENCH_FILES"])
+FILES = json.load(open(os.environ["BENCH_FILES"]))
 DOIT_CONFIG = {"dep_file": os.environ["BENCH_DB"], "backend": "sqlite3", "verbosity": 0}
 def task_outputs():
     return {"actions": [], "file_dep": FILES}
@@ -84,7 +84,8 @@ def main() -> None:
 
     md5_dodo = base / "dodo_md5.py"
     md5_dodo.write_text(MD5_DODO)
-    md5_env = {**env, "BENCH_FILES": __import__("json").dumps(files), "BENCH_DB": str(base / "md5.db")}
+    (base / "files.json").write_text(__import__("json").dumps(files))  # a file: thousands of paths overflow the env
+    md5_env = {**env, "BENCH_FILES": str(base / "files.json"), "BENCH_DB": str(base / "md5.db")}
 
     def md5_proc() -> None:
         subprocess.run([py, "-m", "doit", "-f", str(md5_dodo)], env=md5_env, cwd=base, check=True,
