@@ -16,11 +16,23 @@ from pipeline.recipe.load import available
 from pipeline.registry import load_recipe
 
 
-def needed(settings: Settings, store_root: Path) -> tuple[set[str], set[str]]:
-    """(action keys, output digests) the recipes in recipes/ plan now, plus what any workspace holds."""
+def live_recipes(settings: Settings, only: str) -> list[str]:
+    """The recipes whose entries gc keeps: every recipe in recipes/, or the comma-separated `only`."""
+    every = available(settings.recipes_dir)
+    if not only:
+        return every
+    named = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in named if n not in every]
+    if unknown:
+        raise KilnError(f"gc --recipes: no recipe {', '.join(map(repr, unknown))[:200]} in {settings.recipes_dir}")
+    return named
+
+
+def needed(settings: Settings, store_root: Path, recipes: list[str]) -> tuple[set[str], set[str]]:
+    """(action keys, output digests) `recipes` plan now, plus what any workspace holds."""
     keys: set[str] = set()
     outputs: set[str] = set()
-    for name in available(settings.recipes_dir):
+    for name in recipes:
         try:
             for s in plan(load_recipe(name, settings)):
                 if s.store == store_root:
@@ -58,10 +70,10 @@ def inode_sizes(store: Store, digests: list[str]) -> tuple[dict[str, set[tuple[i
 
 
 def gc(settings: Settings, store_root: Path, max_age_days: float, budget_gb: float | None,
-       dry_run: bool = False) -> list[str]:
+       dry_run: bool = False, recipes: str = "") -> list[str]:
     """Remove what is not needed; return the output digests removed."""
     store = Store(store_root)
-    keep_keys, keep_outputs = needed(settings, store_root)
+    keep_keys, keep_outputs = needed(settings, store_root, live_recipes(settings, recipes))
     now = time.time()
     verb = "would remove" if dry_run else "removed"
     records = {k: r for k in store.actions() if (r := store.record(k))}
@@ -133,6 +145,7 @@ OPTIONS: tuple[tuple[str, str, type, object, str], ...] = (
     ("max_age_days", "--max-age-days", float, 30.0, "drop unneeded entries unused this many days"),
     ("budget_gb", "--budget-gb", float, None, "then drop least recently used unneeded entries until the store fits"),
     ("dry_run", "--dry-run", bool, False, "say what would go, remove nothing"),
+    ("recipes", "--recipes", str, "", "comma-separated recipes whose entries stay (default: every recipe in recipes/)"),
 )
 
 
@@ -147,5 +160,5 @@ def add_parser(sub) -> None:
 
 
 def _main(args, settings: Settings) -> int:
-    gc(settings, settings.store_dir(), args.max_age_days, args.budget_gb, args.dry_run)
+    gc(settings, settings.store_dir(), args.max_age_days, args.budget_gb, args.dry_run, args.recipes)
     return 0

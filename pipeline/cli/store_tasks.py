@@ -35,7 +35,8 @@ def store_tasks(recipe: Recipe, settings: Settings) -> Iterator[dict[str, Any]]:
         "basename": "gc", "doc": "drop unneeded store entries (--max-age-days, --budget-gb, --dry-run)",
         "params": [{"name": name, "long": flag.removeprefix("--"), "type": kind, "default": default, "help": text}
                    for name, flag, kind, default, text in GC_OPTIONS],
-        "actions": [lambda max_age_days, budget_gb, dry_run: _gc(settings, store, max_age_days, budget_gb, dry_run)],
+        "actions": [lambda max_age_days, budget_gb, dry_run, recipes: _gc(settings, store, max_age_days, budget_gb,
+                                                                           dry_run, recipes)],
         "uptodate": [False], "verbosity": 2,
     }
     yield {
@@ -45,9 +46,14 @@ def store_tasks(recipe: Recipe, settings: Settings) -> Iterator[dict[str, Any]]:
     }
 
 
-def _gc(settings: Settings, store: Path, max_age_days: float, budget_gb: float | None, dry_run: bool) -> None:
+def _gc(settings: Settings, store: Path, max_age_days: float, budget_gb: float | None, dry_run: bool,
+        recipes: str) -> None | TaskFailed:
     """gc as a doit action: None whatever it removed (doit fails an action that returns a list)."""
-    gc(settings, store, max_age_days, budget_gb, dry_run)
+    try:
+        gc(settings, store, max_age_days, budget_gb, dry_run, recipes)
+    except KilnError as e:
+        return TaskFailed(str(e))
+    return None
 
 
 def _reproduce(recipe: str, settings: Settings, stages: str) -> bool | TaskFailed:
