@@ -3,8 +3,10 @@
 Cost (kept in the action record under `cost`; never part of a key or an output):
 - wall_s: the child's wall time;
 - cpu_s: user + system time of the child and every tool it waited for (`wait4`'s rusage: exact);
-- peak_rss_bytes: the largest sum of RSS over the stage's process tree, sampled every 0.2 s,
-  and never below `max_process_rss_bytes` (the largest single process, exact from rusage);
+- peak_rss_bytes: the largest sum of RSS over the stage's process tree, sampled every 0.2 s (a
+  process shorter than that may be missed). Not rusage's ru_maxrss: Linux carries a process's
+  high-water mark across fork and exec, so every child would report at least the runner's own
+  peak (the runner hashes multi-GB outputs);
 - output_bytes: what was published; scratch_bytes: what the stage left in its scratch `tmp/`.
 
 Memory budget: `doit -n 2` may start two heavy stages that do not fit together. A stage that
@@ -91,14 +93,12 @@ class Cost:
     wall_s: float
     cpu_s: float
     peak_rss_bytes: int
-    max_process_rss_bytes: int
     output_bytes: int = 0
     scratch_bytes: int = 0
 
     @classmethod
     def measured(cls, wall_s: float, usage: resource.struct_rusage, tree_peak: int) -> Cost:
-        one = usage.ru_maxrss * 1024  # Linux reports kB
-        return cls(round(wall_s, 3), round(usage.ru_utime + usage.ru_stime, 3), max(tree_peak, one), one)
+        return cls(round(wall_s, 3), round(usage.ru_utime + usage.ru_stime, 3), tree_peak)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
