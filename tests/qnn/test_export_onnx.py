@@ -102,3 +102,36 @@ def test_export_stage_on_tiny_model(tiny_project):
         # q, k, v, o, gate, up, down per layer + lm_head, all as 1x1 convolutions; no Gemm left
         assert sum(n.op_type == "Conv" for n in graph.node) == 2 * 7 + 1
         assert not any(n.op_type == "Gemm" for n in graph.node)
+
+
+@pytest.mark.parametrize("layout", ["one file per tensor", "inline"])
+def test_gathered_external_data_is_what_onnx_save_model_writes(tmp_path, layout):
+    """gather_external_data copies weights file to file (the proto never holds them) and must write
+    the very bytes onnx.save_model would, from torch's one-file-per-weight layout or inline weights."""
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from pipeline.qnn.onnx_files import gather_external_data
+
+    hf = tiny_hf()
+    model = AdaptedLlama(hf).eval()
+    names_in, names_out = io_names(2)
+    src = tmp_path / "src" / "export.onnx"
+    src.parent.mkdir()
+    with torch.no_grad():
+        torch.onnx.export(model, step_inputs(hf, [1, 2, 3], 0, 8, 16), str(src), input_names=names_in,
+                          output_names=names_out, opset_version=17, dynamo=False)
+    loaded = onnx.load(str(src))
+    if layout == "one file per tensor":
+        convert_model_to_external_data(loaded, all_tensors_to_one_file=False, size_threshold=0)
+        onnx.save_model(loaded, str(src))
+        assert len(list(src.parent.iterdir())) > 10
+    reference = onnx.load(str(src))
+    reference.graph.name = "g"
+    (tmp_path / "ref").mkdir()
+    onnx.save_model(reference, str(tmp_path / "ref" / "g.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="g.data", size_threshold=1024)
+    (tmp_path / "got").mkdir()
+    gather_external_data(src, tmp_path / "got" / "g.onnx", "g")
+    for name in ("g.onnx", "g.data"):
+        assert (tmp_path / "got" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
