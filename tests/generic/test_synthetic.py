@@ -40,6 +40,7 @@ def shard_digests(model_dir: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(model_dir.glob("*.safetensors"))}
 
 
+@pytest.mark.slow  # 50 s: three builds of the model stage (two stores, two seeds)
 def test_synthetic_checkpoint_loads_generates_and_is_deterministic(project, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -35,6 +35,7 @@ def test_simulator_and_genie_agree_with_the_float_model(tiny_htp_project):
     assert "| simulator vs cpu qdq | 1.000 |" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow  # 60-90 s: compile, simulator and Genie over four part graphs
 def test_a_model_cut_in_two_parts_runs_on_the_simulator_and_in_genie(tiny_htp_project):
     """num_splits: 2 on the 2-layer model: part 1 = embedding + layer 0, part 2 = layer 1 + norm + LM
     head; each part's AR graphs share one binary; the simulator chains the parts and Genie, given
