@@ -10,11 +10,11 @@ Cost (kept in the action record under `cost`; never part of a key or an output):
 - output_bytes: what was published; scratch_bytes: what the stage left in its scratch `tmp/`.
 
 Memory budget: `doit -n 2` may start two heavy stages that do not fit together. A stage that
-declares its expected peak (`Stage.peak_memory`) reserves it in a ledger shared by every Kiln
-process of the machine (one JSON file under the workspace's locks, entries of dead processes
-dropped) and waits while the reservations would exceed the budget (`KILN_MEMORY_GB` or
-pyproject `memory_gb`, default 90% of physical memory). A stage larger than the budget runs
-alone.
+declares its expected peak (`Stage.peak_memory`) reserves it in a ledger shared by the Kiln
+processes of one workspace on this host (one JSON file under the workspace's locks, entries of
+dead processes dropped) and waits while the reservations would exceed the budget
+(`KILN_MEMORY_GB` or pyproject `memory_gb`, default 90% of physical memory). A stage larger than
+the budget runs alone among the stages that declare their peak.
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from pipeline.engine.lock import HOST, FileLock, pid_alive
 
@@ -61,8 +63,6 @@ class TreeSampler:
         self._thread.join()
 
     def _run(self) -> None:
-        import psutil
-
         try:
             root = psutil.Process(self.pid)
         except psutil.Error:
@@ -135,7 +135,11 @@ class MemoryLedger:
             entries = json.loads(self.file.read_text())
         except (OSError, ValueError):
             return []
-        return [e for e in entries if isinstance(e, dict) and e.get("host") == HOST and pid_alive(int(e.get("pid", 0)))]
+        if not isinstance(entries, list):
+            return []
+        return [e for e in entries if isinstance(e, dict) and e.get("host") == HOST and type(e.get("pid")) is int
+                and e["pid"] > 0 and type(e.get("bytes")) is int and e["bytes"] >= 0 and isinstance(e.get("id"), str)
+                and pid_alive(e["pid"])]
 
     def _write(self, entries: list[dict[str, Any]]) -> None:
         tmp = self.file.with_name(f".memory.{os.getpid()}.json")

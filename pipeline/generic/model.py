@@ -41,7 +41,7 @@ class Model(Stage):
     name = "model"
     version = 1
     Params = NoParams
-    tools = ("python", "torch", "transformers", "safetensors", "gguf")
+    tools = ("python", "torch", "transformers", "safetensors", "gguf", "numpy")
     resource = "heavy"
 
     @classmethod

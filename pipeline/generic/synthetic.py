@@ -3,7 +3,9 @@
 Plan memory, time and disk before you have the weights: `model.synthetic` writes the tensors a
 Hugging Face `config.json` describes (names and shapes from the model class built on the meta
 device, so no weight is ever held twice), shard by shard, each tensor from its own generator
-(seed + tensor name), so the bytes do not depend on the order or on the machine's thread count.
+(seed + tensor name): numpy's PCG64 in float64, whose stream is the same on every machine (torch's
+float32 randn takes vectorised paths that differ between AVX2, AVX-512 and ARM builds), so the
+bytes depend on neither the order nor the machine.
 Quality figures measured on such a model mean nothing; time, memory, disk and file formats are
 real (docs/models.md#synthetic-checkpoints).
 """
@@ -78,13 +80,20 @@ def tensor_seed(seed: int, name: str) -> int:
 def init_tensor(name: str, shape: tuple[int, ...], dtype: Any, seed: int, std: float, layers: int) -> Any:
     """Norm gammas 1, biases 0, matrices N(0, std); the projections writing into the residual stream
     scaled by 1/sqrt(2 layers) (GPT-2's rule) so activations keep a trained model's range."""
+    import numpy as np
     import torch
 
     if len(shape) == 1:
         return torch.zeros(shape, dtype=dtype) if name.endswith("bias") else torch.ones(shape, dtype=dtype)
     scale = std / math.sqrt(2 * layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
-    gen = torch.Generator().manual_seed(tensor_seed(seed, name))
-    return (torch.randn(shape, generator=gen, dtype=torch.float32) * scale).to(dtype)
+    rng = np.random.Generator(np.random.PCG64(tensor_seed(seed, name)))
+    out = torch.empty(shape, dtype=dtype)
+    rows = out.view(shape[0], -1)
+    step = max(1, (64 << 20) // max(1, rows.shape[1]))  # ~512 MB of float64 at a time
+    for start in range(0, shape[0], step):
+        block = rng.standard_normal((min(step, shape[0] - start), rows.shape[1])) * scale
+        rows[start:start + block.shape[0]] = torch.from_numpy(block).to(dtype)
+    return out
 
 
 def shards(entries: list[tuple[str, tuple[int, ...]]], itemsize: int) -> Iterator[list[tuple[str, tuple[int, ...]]]]:

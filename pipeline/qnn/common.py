@@ -81,11 +81,15 @@ def split_count(recipe: Recipe) -> int:
     from pipeline.recipe.size import htp_part_bytes, planned_layers
 
     own = recipe.stage_params(COMPILE)
+    layers = planned_layers(recipe)
     if own["num_splits"] != "auto":
         parts = own["num_splits"]
+        if layers is not None and parts > layers:
+            raise KilnError(f"{recipe.where('stages', COMPILE, 'num_splits')}: stages.{COMPILE}.num_splits: {parts} parts "
+                            f"for {layers} decoder layers; at most one part a layer")
     else:
-        parts, layers, limit = 1, planned_layers(recipe) or 1, own["max_part_mb"] << 20
-        while parts < layers and max(htp_part_bytes(recipe, parts) or [0]) > limit:
+        parts, most, limit = 1, min(layers or 1, 64), own["max_part_mb"] << 20
+        while parts < most and max(htp_part_bytes(recipe, parts) or [0]) > limit:
             parts += 1
     if parts > 1 and provider(recipe) == "qairt":
         raise KilnError(f"{recipe.where('stages', COMPILE, 'num_splits')}: stages.{COMPILE}.num_splits: {parts} parts are "

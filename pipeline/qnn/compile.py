@@ -147,7 +147,9 @@ class QnnCompile(GraphStage):
             rel = str(b.relative_to(ctx.out))
             info = read_binary_info(b)
             if b.parent.name == "shared":
-                part = next(i for i in range(1, parts + 1) if b.name == shared_bin(i, parts))
+                part = next((i for i in range(1, parts + 1) if b.name == shared_bin(i, parts)), None)
+                if part is None:
+                    raise KilnError(f"qnn.compile: unexpected binary {rel} beside the {parts} part(s)' shared binaries")
                 want = {g: e for g, e in expected.items() if io[g].get("part", 1) == part}
             else:
                 want = {g: e for g, e in expected.items() if b.name == f"{g}_qnn.bin"}

@@ -26,6 +26,7 @@ refuses the graph), and the binary would take a float embedding table as an inpu
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -351,6 +352,9 @@ def _extract(graph: _Graph, model: onnx.ModelProto, name: str, inputs: list[str]
     nodes = [n for n in graph.nodes if id(n) in keep and id(n) not in graph._removed]
     nodes.sort(key=lambda n: graph._order[id(n)])
     used = {t for n in nodes for t in n.input}
+    made = {t for n in nodes for t in n.output} | set(inputs) | set(graph.inits) | {""}
+    if stray := sorted(used - made):
+        raise KilnError(f"{name}: the part reads {', '.join(stray[:5])}, which neither it nor its inputs provide")
     part = helper.make_model(
         helper.make_graph(nodes, name, [value_info[t] for t in inputs], [value_info[t] for t in outputs],
                           [graph.inits[t] for t in graph.inits if t in used]),
@@ -359,13 +363,14 @@ def _extract(graph: _Graph, model: onnx.ModelProto, name: str, inputs: list[str]
 
 
 def split_device_graph(model: onnx.ModelProto, inputs: list[TensorIO], outputs: list[TensorIO], layers: int,
-                       parts: int) -> list[Part]:
+                       parts: int) -> Iterator[Part]:
     """Cut a device-form AR graph into `parts` graphs of consecutive decoder layers (the first with
     the embedding, the last with the final norm and LM head). A part hands the next its layers'
     residual stream as the quantized tensor (uint16 and its encoding): Genie passes it on by name,
     raw, as it passes KV bytes."""
     if parts == 1:
-        return [(model, inputs, outputs)]
+        yield model, inputs, outputs
+        return
     shapes = onnx.shape_inference.infer_shapes(_skeleton(model))
     graph = _Graph(model)  # takes the nodes out of `model`: the parts are new models
     value_info = {v.name: v for v in [*shapes.graph.value_info, *shapes.graph.input, *shapes.graph.output]}
@@ -384,8 +389,7 @@ def split_device_graph(model: onnx.ModelProto, inputs: list[TensorIO], outputs: 
         return [n for n in names if not n.startswith("past_") or int(n.split("_")[2]) in r]
 
     base = [t.name for t in inputs]
-    result: list[Part] = []
-    for i, r in enumerate(ranges):
+    for i, r in enumerate(ranges):  # one part at a time: each holds copies of its weights
         part_in = ([cuts[i - 1].name] if i else []) + [n for n in own(base, r) if n != "input_ids" or i == 0]
         part_out = ([o.name for o in outputs if o.name == "logits"] if i == len(ranges) - 1 else [cuts[i].name]) \
             + [o.name for o in outputs if o.name.startswith("past_") and int(o.name.split("_")[2]) in r]
@@ -394,20 +398,20 @@ def split_device_graph(model: onnx.ModelProto, inputs: list[TensorIO], outputs: 
         part_in = [n for n in part_in if n in needed]  # e.g. RoPE tables a part without attention skips
         del part.graph.input[:]
         part.graph.input.extend(value_info[n] for n in part_in)
-        result.append((part, [io[n] for n in part_in], [io[n] for n in part_out]))
-    return result
+        yield part, [io[n] for n in part_in], [io[n] for n in part_out]
 
 
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`model` without initializer bytes (dims kept): shape inference of a >2 GB model."""
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    for t in skeleton.graph.initializer:
-        t.ClearField("raw_data")
-        t.data_location = TensorProto.EXTERNAL
-        del t.external_data[:]
-        t.external_data.add(key="location", value="skeleton")
-    return skeleton
+    """`model` without its weights (names, types and dims kept), built without copying them: for
+    shape inference of a graph whose weights are in memory (at 1B, gigabytes)."""
+    stubs = []
+    for t in model.graph.initializer:
+        stub = TensorProto(name=t.name, data_type=t.data_type, dims=t.dims, data_location=TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value="skeleton")
+        stubs.append(stub)
+    graph = helper.make_graph(model.graph.node, model.graph.name, model.graph.input, model.graph.output, stubs,
+                              value_info=model.graph.value_info)
+    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
 
 
 def save_graph(model: onnx.ModelProto, dst: Path) -> None:

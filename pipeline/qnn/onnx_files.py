@@ -67,6 +67,8 @@ def gather_external_data(src: Path, dst: Path, graph_name: str) -> None:
                         continue
                     offset = out.tell()
                     shutil.copyfileobj(_Limited(f, size), out, 16 << 20)
+                    if out.tell() - offset != size:
+                        raise ValueError(f"{src}: initializer {tensor.name}: {info.location} ends before its {size} bytes")
             elif tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= SIZE_THRESHOLD:
                 offset, size = out.tell(), len(tensor.raw_data)
                 out.write(tensor.raw_data)

@@ -10,6 +10,7 @@ Two uses, both through ordinary onnxruntime sessions (docs/qualcomm.md#onnxrunti
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -96,17 +97,20 @@ def rename_compiled_graph(ctx_model: Path, name: str) -> str:
     model = onnx.load(str(ctx_model))
     node = next(n for n in model.graph.node if n.op_type == "EPContext")
     old = node.name
-    stem, _, suffix = name.rpartition("_of_")
-    stem, _, part = stem.rpartition("_")
-    tail = f"_{part}_of_{suffix}"
-    if len(stem) + len(tail) > len(old):
-        stem = stem[: len(old) - len(tail)]
+    # keep what tells the graphs apart (…_ar128_cl4096_1_of_2), shorten the model name in front
+    match = re.fullmatch(r"(.*)(_ar\d+_cl\d+_\d+_of_\d+)", name)
+    if match is None:
+        raise KilnError(f"{ctx_model.name}: {name!r} is not a part's graph name (<model>_ar<N>_cl<N>_<i>_of_<n>)")
+    model_name, tail = match.groups()
+    if len(tail) > len(old):
+        raise KilnError(f"{ctx_model.name}: graph name {name!r} cannot be fitted into onnxruntime's {len(old)} characters")
+    stem = model_name[: len(old) - len(tail)]
     new = stem + "_" * (len(old) - len(stem) - len(tail)) + tail
     attrs = {a.name: a for a in node.attribute}
     binary = ctx_model.parent / attrs["ep_cache_context"].s.decode()
     data = binary.read_bytes()
-    if data.count(old.encode()) == 0:
-        raise KilnError(f"{binary.name}: graph {old} is not in the context binary")
+    if data.count(old.encode()) == 0 or data.count(new.encode()):
+        raise KilnError(f"{binary.name}: graph {old} is not in the context binary, or {new} already is")
     binary.write_bytes(data.replace(old.encode(), new.encode()))
     node.name = new
     if "partition_name" in attrs:

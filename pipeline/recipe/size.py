@@ -32,8 +32,15 @@ def _config(recipe: Recipe) -> dict[str, Any] | None:
         path = recipe.resolve_path(m.synthetic.config)
     elif m.hf_dir:
         path = recipe.resolve_path(m.hf_dir) / "config.json"
+    elif m.hub_id:
+        from pipeline.generic.hfcache import snapshot
+
+        snap = snapshot(m.hub_id, m.revision, "model")
+        if snap is None:
+            return None  # not downloaded: the model stage says how to provide it
+        path = snap / "config.json"
     else:
-        return None  # a GGUF or a hub id: read only when the stage runs
+        return None  # a GGUF (the embedded model too): its metadata is read only when the stage runs
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -80,6 +80,13 @@ def test_the_ledger_admits_what_fits_refuses_the_rest_and_forgets_the_dead(tmp_p
     doc[0]["pid"] = int(dead.stdout)
     ledger.file.write_text(json.dumps(doc))
     assert ledger.holders() == [] and ledger.try_reserve(9 * GB, "e") is not None
+    # hand-edited or hostile entries hold nothing: pid 0 (os.kill(0, 0) would succeed), no size, not a list
+    live = json.loads(ledger.file.read_text())
+    ledger.file.write_text(json.dumps([*live, {"id": "x", "host": live[0]["host"], "pid": 0, "bytes": 10 * GB},
+                                       {"id": "y", "host": live[0]["host"], "pid": os.getpid()}, "junk"]))
+    assert ledger.holders() == ["e (9.0 GB)"]
+    ledger.file.write_text('{"not": "a list"}')
+    assert ledger.holders() == [] and ledger.try_reserve(1, "f") is not None
 
 
 def test_a_stage_that_does_not_fit_waits_for_the_memory(tiny_project):

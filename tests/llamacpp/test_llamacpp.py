@@ -233,3 +233,12 @@ def test_ship_primary_keeps_the_other_types_out_of_the_bundle_and_every_key(proj
     project.write("r.yaml", three + "stages:\n  llamacpp.quantize: {ship: first}\n")
     with pytest.raises(KilnError, match=r"r.yaml:\d+: .*ship"):
         load_recipe("r", project.settings(monkeypatch))
+
+
+def test_sampled_tokens_are_read_from_llama_cpp_timings():
+    from pipeline.llamacpp.verify import _DECODE_RUNS
+
+    log = ("common_perf_print: prompt eval time =   34000.00 ms /     7 tokens (  4857.14 ms per token)\n"
+           "common_perf_print:        eval time =   17615.49 ms /     3 runs   ( 5871.83 ms per token,     0.17 t/s)\n")
+    assert _DECODE_RUNS.search(log).group(1) == "3"
+    assert _DECODE_RUNS.search(log.splitlines()[0]) is None  # the prompt's line is not a decode count

@@ -122,3 +122,33 @@ def test_onnxruntime_qnn_compiles_the_device_graph_whole(tmp_path):
     [(name, _, _)] = write_device_graphs(tmp_path / "toy.onnx", tmp_path / "device", parts=1)
     compile_graph(tmp_path / "device" / f"{name}.onnx", tmp_path / "ctx.onnx", 69, 79, {})  # CPU fallback off: fails if split
     assert [n.op_type for n in onnx.load(str(tmp_path / "ctx.onnx")).graph.node] == ["EPContext"]
+
+
+def test_renamed_part_graphs_keep_ar_and_part_whatever_the_model_name(tmp_path):
+    """A long model name is shortened, never the `_ar<N>_cl<N>_<i>_of_<n>` tail that tells the AR-128
+    and AR-1 graphs of one part apart (they share a binary); the binary must name the old graph once."""
+    import onnx
+    from onnx import helper
+
+    from pipeline.engine.errors import KilnError
+    from pipeline.qnn.ort_qnn import rename_compiled_graph
+
+    old = "QNNExecutionProvider_QNNExecutionProvider_4101098293989717594_1_0"
+    names = {}
+    for ar in (128, 1):
+        graph = f"Llama-3.2-1B-Instruct-synthetic-rehearsal_ar{ar}_cl4096_1_of_2"
+        hashed = old if ar == 128 else old.replace("_1_0", "_2_0")  # two graphs of one shared binary
+        node = helper.make_node("EPContext", [], ["y"], name=hashed, ep_cache_context="shared.bin",
+                                partition_name=hashed, domain="com.microsoft")
+        ctx = tmp_path / f"{graph}.onnx"
+        onnx.save(helper.make_model(helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", 1, [1])])), ctx)
+        names[ar] = (ctx, graph, node.name)
+    (tmp_path / "shared.bin").write_bytes(b"\x41\x00\x00\x00" + names[128][2].encode() + b"\x00" * 8 + names[1][2].encode())
+    new = {ar: rename_compiled_graph(ctx, graph) for ar, (ctx, graph, _) in names.items()}
+    assert new[128] != new[1] and new[128].endswith("_ar128_cl4096_1_of_2") and new[1].endswith("_ar1_cl4096_1_of_2")
+    assert all(len(n) == len(old) for n in new.values())
+    data = (tmp_path / "shared.bin").read_bytes()
+    assert data.count(new[128].encode()) == 1 and data.count(new[1].encode()) == 1 and b"QNNExecution" not in data
+    assert onnx.load(str(names[1][0])).graph.node[0].name == new[1]
+    with pytest.raises(KilnError, match="not in the context binary"):  # renamed already: the old name is gone
+        rename_compiled_graph(names[1][0], names[1][1])

@@ -107,3 +107,15 @@ def test_a_calibration_killed_mid_layer_resumes_with_identical_results(algorithm
     # a checkpoint of another calibration (other prompts) is not used
     other = LayerCheckpoints(ckpt, {"different": True})
     assert other.last_layer() == -1
+
+
+def test_a_truncated_checkpoint_is_ignored_not_fatal(tmp_path):
+    ckpt = tmp_path / "calibration"
+    quantize_weights(tiny_hf(), SCHEME, "seqmse", BATCHES, checkpoint=ckpt)
+    fingerprint = {"algorithm": "seqmse", "scheme": SCHEME, "device": "cpu", "prompts": [8, 5], "layers": 2}
+    assert LayerCheckpoints(ckpt, fingerprint).last_layer() == 1
+    layer = ckpt / "layer-0000.safetensors"
+    layer.write_bytes(layer.read_bytes()[:40])  # a power cut mid-write of a file the rename had put in place
+    assert LayerCheckpoints(ckpt, fingerprint).last_layer() == -1
+    again = quantize_weights(tiny_hf(), SCHEME, "seqmse", BATCHES, checkpoint=ckpt)  # starts over, completes
+    assert len(again) == 2 * 7 + 1 and LayerCheckpoints(ckpt, fingerprint).last_layer() == 1

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from pipeline.qnn.quant.grid import Grid
@@ -26,6 +27,8 @@ ROW_FIELDS = ("name", "bits", "granularity", "block_size", "symmetric", "sqnr_db
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb") as f:  # on disk before the rename: a power cut leaves the previous layer's state
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -48,16 +51,21 @@ class LayerCheckpoints:
               {"after_layer": str(layer), "fingerprint": self.fingerprint})
 
     def last_layer(self) -> int:
-        """The last layer whose complete state is here, -1 when none (or from another calibration)."""
+        """The last layer whose complete state is here, -1 when none, from another calibration, or
+        unreadable (a truncated file: the calibration then starts over instead of failing forever)."""
         path = self.dir / "states.safetensors"
         if not path.is_file():
             return -1
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("fingerprint") != self.fingerprint:
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            last = int(meta["after_layer"]) if meta.get("fingerprint") == self.fingerprint else -1
+            for i in range(last + 1):
+                with safe_open(str(self.dir / f"layer-{i:04d}.safetensors"), "pt") as f:
+                    json.loads((f.metadata() or {})["rows"])
+        except (OSError, ValueError, KeyError, SafetensorError):
             return -1
-        last = int(meta["after_layer"])
-        return last if all((self.dir / f"layer-{i:04d}.safetensors").is_file() for i in range(last + 1)) else -1
+        return last
 
     def restore(self, last: int, modules: dict[str, torch.nn.Module], device: str
                 ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
