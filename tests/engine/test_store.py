@@ -6,6 +6,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -253,6 +254,29 @@ def test_gc_keeps_needed_entries_and_applies_age_and_budget(tiny_project, monkey
     assert set(store.outputs()) == needed | {new} and store.record(old_key) is None  # its record went with it
     assert gc(settings, tiny_project.store, 30, budget_gb=0.0) == [new]
     assert set(store.outputs()) == needed and len(list(store.actions())) == 2  # over budget, yet what recipes need stays
+
+
+def test_gc_recipes_names_which_recipes_are_live(tiny_project, monkeypatch):
+    """With --recipes, only the named recipes' entries (and workspaces') stay; an unknown name is refused."""
+    settings = tiny_project.settings(monkeypatch)
+    tiny_project.write("other.yaml", "extends: tiny\nmodel: {dtype: bfloat16}\n")
+    tiny_project.doit("recipe=other")
+    store = Store(tiny_project.store)
+    others = set(store.outputs())
+    tiny_project.doit("recipe=tiny")
+    for digest in store.outputs():
+        age(store.output(digest), 7200)  # past gc's grace period
+    for key in store.actions():
+        age(store.action(key), 7200)
+    shutil.rmtree(tiny_project.artifacts / "other")
+    assert gc(settings, tiny_project.store, 30, budget_gb=0.0) == []  # every recipe in recipes/ is live
+    kept = set(store.outputs()) - others
+    removed = gc(settings, tiny_project.store, 30, budget_gb=0.0, recipes="tiny, tiny")
+    assert set(removed) == others and set(store.outputs()) == kept  # only `tiny` is live: other's model and bundle go
+    with pytest.raises(KilnError, match=r"gc --recipes: no recipe 'nope' in "):
+        gc(settings, tiny_project.store, 30, None, recipes="tiny,nope")
+    proc = tiny_project.doit("gc", "--recipes", "nope", "recipe=tiny", check=False)
+    assert proc.returncode != 0 and "gc --recipes: no recipe 'nope'" in proc.stdout + proc.stderr
 
 
 def test_gc_removes_the_old_layout_and_orphan_records(tiny_project, monkeypatch, capsys):
