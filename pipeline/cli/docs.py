@@ -25,6 +25,8 @@ def _type_name(annotation: Any) -> str:
         return " \\| ".join(_type_name(a) for a in typing.get_args(annotation))
     if origin is list:
         return f"list of {_type_name(typing.get_args(annotation)[0])}"
+    if origin is typing.Annotated:  # a constrained type (Annotated[int, Field(ge=1)]): its base
+        return _type_name(typing.get_args(annotation)[0])
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return "mapping"
     return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "null")
