@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from pipeline.engine.lock import HOST, FileLock, pid_alive
 
 SAMPLE_S = 0.2
@@ -55,6 +53,9 @@ class TreeSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> TreeSampler:
+        import psutil  # here, not at module level (every doit start would pay for it), nor in the thread
+
+        self._psutil = psutil
         self._thread.start()
         return self
 
@@ -63,6 +64,7 @@ class TreeSampler:
         self._thread.join()
 
     def _run(self) -> None:
+        psutil = self._psutil
         try:
             root = psutil.Process(self.pid)
         except psutil.Error:
