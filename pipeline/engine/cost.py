@@ -106,6 +106,18 @@ class Cost:
         return dict(self.__dict__)
 
 
+def own_peak_rss() -> int:
+    """This process's peak RSS so far (VmHWM: per address space, so exact after exec, unlike
+    rusage), for a stage to log which of its phases is the expensive one; 0 off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def tree_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink()) if path.is_dir() else 0
 

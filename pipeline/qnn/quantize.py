@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
+from pipeline.engine.cost import human_bytes, own_peak_rss
 from pipeline.engine.errors import KilnError
 from pipeline.engine.stage import StageContext, Strict
 from pipeline.qnn.common import EXPORT, QUANTIZE, GraphStage, calibration_device, export_nodes
@@ -159,7 +160,8 @@ class QnnQuantize(GraphStage):
         def timed(label: str, fn, *args):
             t0 = time.monotonic()
             value = fn(*args)
-            ctx.log.info(f"{label}: {value if isinstance(value, float) else 'done'} ({time.monotonic() - t0:.1f}s)")
+            ctx.log.info(f"{label}: {value if isinstance(value, float) else 'done'} ({time.monotonic() - t0:.1f}s, "
+                         f"peak RSS so far {human_bytes(own_peak_rss())})")
             return value
 
         def ppl(step) -> float:
@@ -258,7 +260,7 @@ def _kiln_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structur
                                                   ctx.resume / "calibration")
     ctx.log.info(f"weights: {algorithm} on {device} ({len(cal.weight_prompts)} prompts, "
                  f"{sum(map(len, cal.weight_prompts))} tokens), {len(rows)} projections + {len(params) - len(rows)} "
-                 f"other params ({weight_seconds:.1f}s)")
+                 f"other params ({weight_seconds:.1f}s, peak RSS so far {human_bytes(own_peak_rss())})")
     block = scheme["weights"].get("block_size")
     wide = [r["name"] for r in rows if block and r["granularity"] == "per-channel"
             and scheme["weights"]["granularity"] == "per-block" and r["bits"] == scheme["weights"]["bits"]]
@@ -280,6 +282,7 @@ def _kiln_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structur
         stats = qdq.calibrate_ranges(weights_only, tensors, cal.names_in, cal.names_out, cal.drive,
                                      ctx.tmp / "calibration")
         acts = {t: o.encoding(t, act_bits, ratio) for t, o in stats.items()}
+        ctx.log.info(f"activation ranges: {len(acts)} tensors (peak RSS so far {human_bytes(own_peak_rss())})")
     acts.update(sim.kv_encodings())  # past_*_in/_out: the sim's shared KV encodings
     float16 = sum(e.is_float for e in acts.values())
     if float16:
