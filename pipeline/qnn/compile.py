@@ -94,7 +94,7 @@ class QnnCompile(GraphStage):
 
     def run(self, ctx: StageContext) -> None:
         from pipeline.qnn.htp_graph import write_device_graphs
-        from pipeline.qnn.ort_qnn import compile_graph, rename_compiled_graph
+        from pipeline.qnn.ort_qnn import rename_compiled_graph
         from pipeline.qnn.qnn_binary import check_binary, read_binary_info
 
         p = ctx.params
@@ -117,11 +117,11 @@ class QnnCompile(GraphStage):
                 io[name] = {"ar": g["ar"], **({"whole": g["graph"], "part": i, "parts": parts} if parts > 1 else {}),
                             "inputs": [t.to_json() for t in ins], "outputs": [t.to_json() for t in outs]}
             timings[f"device form {g['graph']}"] = round(time.monotonic() - t0, 1)
+        target = (p["soc_model"], p["htp_arch"], options)
         for name in progress(list(io), "compile (unshared)", "graph"):
             ctx.log.info(f"compiling {name} for {p['soc']} (soc_model {p['soc_model']}, v{p['htp_arch']})")
             t0 = time.monotonic()
-            compile_graph(scratch / f"{name}.onnx", ctx.out / "unshared" / f"{name}.onnx",
-                          p["soc_model"], p["htp_arch"], options)
+            compile_in_child([(scratch / f"{name}.onnx", ctx.out / "unshared" / f"{name}.onnx", "")], *target)
             if parts > 1:  # Genie orders the parts by their graph names
                 rename_compiled_graph(ctx.out / "unshared" / f"{name}.onnx", name)
             timings[name] = round(time.monotonic() - t0, 1)
@@ -131,9 +131,8 @@ class QnnCompile(GraphStage):
         else:
             for part in range(1, parts + 1):
                 names = [n for n, v in io.items() if v.get("part", 1) == part]  # widest AR first
-                for i, name in enumerate(names):
-                    compile_graph(scratch / f"{name}.onnx", ctx.out / "shared" / f"{name}.onnx", p["soc_model"],
-                                  p["htp_arch"], options, share="last" if i == len(names) - 1 else "share")
+                compile_in_child([(scratch / f"{name}.onnx", ctx.out / "shared" / f"{name}.onnx",
+                                   "last" if i == len(names) - 1 else "share") for i, name in enumerate(names)], *target)
                 _rename_shared_binary(ctx.out / "shared", shared_bin(part, parts), names)
                 for name in names if parts > 1 else []:
                     rename_compiled_graph(ctx.out / "shared" / f"{name}.onnx", name)
@@ -169,6 +168,31 @@ class QnnCompile(GraphStage):
                          f"{shared['soc_model']}, graphs {graphs_of}")
         if problems:
             raise KilnError("qnn.compile: the compiled binaries do not match the recipe:\n  " + "\n  ".join(problems))
+
+
+def _compile_jobs(jobs: list[tuple[Path, Path, str]], soc_model: int, htp_arch: int, options: dict[str, str]) -> None:
+    from pipeline.qnn.ort_qnn import compile_graph
+
+    for src, dst, share in jobs:
+        compile_graph(src, dst, soc_model, htp_arch, options, share=share)
+
+
+def compile_in_child(jobs: list[tuple[Path, Path, str]], soc_model: int, htp_arch: int, options: dict[str, str]) -> None:
+    """Run ort_qnn.compile_graph over `jobs` (source, EPContext model, share mode) in a fresh
+    process. QNN's graph preparation peaks at several GB for a 1B graph and the allocator of the
+    process that ran it keeps that memory; a child gives it back on exit, so the unshared graphs
+    and each part's shared binary never add up. A weight-shared binary's graphs must be compiled
+    in one process (the sharing lives in it): one call, one part."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool.submit(_compile_jobs, jobs, soc_model, htp_arch, options).result()
+    except BrokenProcessPool:
+        raise KilnError(f"qnn.compile: the process compiling {', '.join(src.name for src, _, _ in jobs)} died "
+                        "(killed for memory? see the stage's peak RSS)") from None
 
 
 def _qairt_shared(ctx: StageContext, graphs: list[dict[str, Any]]) -> None:

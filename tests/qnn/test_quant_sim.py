@@ -64,3 +64,47 @@ def test_every_tensor_float16_when_ratio_is_tiny_and_kv_encodings_are_shared():
         a, b = kv[f"past_key_{i}_in"], kv[f"past_key_{i}_out"]
         assert (a.bits, a.scale, a.offset) == (b.bits, b.scale, b.offset) == (8, a.scale, a.offset)
         assert not a.is_float  # 8-bit KV never goes float16
+
+
+def test_calibrate_ranges_reduces_in_the_graph_to_the_statistics_of_the_full_tensors(tmp_path):
+    """The in-graph min / max / sum |x| / count equal an Observer fed every full tensor."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper
+
+    from pipeline.qnn.quant.observer import Observer
+
+    hf = tiny_hf()
+    names_in, names_out = io_names(2)
+    path = tmp_path / "g" / "g.onnx"
+    path.parent.mkdir()
+    with torch.no_grad():
+        torch.onnx.export(AdaptedLlama(hf).eval(), step_inputs(hf, [1], 0, 4, 16), str(path), input_names=names_in,
+                          output_names=names_out, opset_version=17, dynamo=False)
+    tensors = [t for t in qdq.activation_tensors(qdq.load_structure(path)) if not t.startswith("past_")]
+    assert any(t in names_in for t in tensors) and any(t in names_out for t in tensors)
+
+    def drive(step):
+        run_steps(step, hf, IDS, 4, 16)
+
+    got = qdq.calibrate_ranges(path, tensors, names_in, names_out, drive, tmp_path / "scratch")
+    # reference: every tensor returned whole, as the graph computes it
+    model = onnx.load(str(path))
+    extra = [t for t in tensors if t not in names_in and t not in names_out]
+    model.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in extra)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = {t: Observer() for t in tensors}
+
+    def step(inputs):
+        feed = {n: x.numpy() for n, x in zip(names_in, inputs)}
+        values = dict(zip(names_out + extra, session.run(names_out + extra, feed)))
+        for t in tensors:
+            want[t].update(feed[t] if t in feed else values[t])
+        return [torch.from_numpy(values[n]) for n in names_out]
+
+    drive(step)
+    assert not (tmp_path / "scratch").exists()
+    for t in tensors:
+        g, w = got[t], want[t]
+        assert (g.lo, g.hi, g.count) == (w.lo, w.hi, w.count), t
+        assert math.isclose(g.abs_sum, w.abs_sum, rel_tol=1e-6), t

@@ -37,8 +37,14 @@ def calibrated_sim(hf: torch.nn.Module, params: dict[str, qdq.QuantParam], schem
     `prompts` run through the AR graph step by step."""
     model = AdaptedLlama(hf).eval()
     state = dict(model.named_parameters())
+    names = hf_names(hf.config.num_hidden_layers)
     for name, param in params.items():
         state[name].data = torch.from_numpy(qdq.dequantize(param)).reshape(state[name].shape)
+        # the HF model's copy goes as its replacement arrives (its forward pass is not run again:
+        # stepping reads only its config and RoPE tables), so the two never coexist: 5 GB at 1B
+        original = hf.get_parameter(names[name])
+        if original is not state[name]:
+            original.data = torch.empty(0)
     sim = QuantSim(model, scheme["activations"], scheme["kv_cache"], float16_ratio(scheme))
     for prompt in progress(prompts, "sim ranges", "prompt"):
         run_steps(sim.step(), hf, prompt, ar, context)

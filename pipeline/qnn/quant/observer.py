@@ -26,9 +26,13 @@ class Observer:
 
     def update(self, x: torch.Tensor | np.ndarray) -> None:
         x = torch.as_tensor(x)
-        self.lo, self.hi = min(self.lo, x.min().item()), max(self.hi, x.max().item())
-        self.abs_sum += x.abs().sum(dtype=torch.float64).item()
-        self.count += x.numel()
+        self.add(x.min().item(), x.max().item(), x.abs().sum(dtype=torch.float64).item(), x.numel())
+
+    def add(self, lo: float, hi: float, abs_sum: float, count: int) -> None:
+        """Fold in one tensor's statistics, computed elsewhere (e.g. reduced inside a graph)."""
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.abs_sum += abs_sum
+        self.count += count
 
     @property
     def outlier_ratio(self) -> float:

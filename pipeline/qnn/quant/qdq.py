@@ -108,14 +108,28 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
 def calibrate_ranges(src: Path, tensors: list[str], names_in: list[str], names_out: list[str],
                      drive: Callable[[Step], None], scratch: Path) -> dict[str, Observer]:
     """Statistics of `tensors` over the calibration runs `drive` makes with the step function
-    it is given (graph `src`, every tensor of interest exposed as an output)."""
+    it is given (graph `src`). The graph reduces each tensor itself (min, max, sum |x| in float64,
+    element count) and returns only those scalars: at context 4096 a step's activations, every
+    attention score among them, are gigabytes that would otherwise all be returned at once."""
     import torch
 
     from pipeline.qnn.onnx_check import ort_session
 
     model = onnx.load(str(src), load_external_data=False)
-    extra = [t for t in tensors if t not in names_out and t not in names_in]
-    model.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in extra)
+    reduced = [t for t in tensors if t not in names_in]
+    stats = [f"{t}__{kind}" for t in reduced for kind in ("min", "max", "abs_sum", "count")]
+    for t in reduced:
+        model.graph.node.extend([
+            helper.make_node("ReduceMin", [t], [f"{t}__min"], keepdims=0, name=f"{t}__ReduceMin"),
+            helper.make_node("ReduceMax", [t], [f"{t}__max"], keepdims=0, name=f"{t}__ReduceMax"),
+            helper.make_node("Abs", [t], [f"{t}__abs"], name=f"{t}__Abs"),
+            helper.make_node("Cast", [f"{t}__abs"], [f"{t}__abs64"], to=TensorProto.DOUBLE, name=f"{t}__Cast"),
+            helper.make_node("ReduceSum", [f"{t}__abs64"], [f"{t}__abs_sum"], keepdims=0, name=f"{t}__ReduceSum"),
+            helper.make_node("Size", [t], [f"{t}__count"], name=f"{t}__Size")])
+        model.graph.output.extend([helper.make_tensor_value_info(f"{t}__min", TensorProto.FLOAT, []),
+                                   helper.make_tensor_value_info(f"{t}__max", TensorProto.FLOAT, []),
+                                   helper.make_tensor_value_info(f"{t}__abs_sum", TensorProto.DOUBLE, []),
+                                   helper.make_tensor_value_info(f"{t}__count", TensorProto.INT64, [])])
     # beside its weight data: onnxruntime refuses data outside the model's directory, symlinks too
     shutil.rmtree(scratch, ignore_errors=True)
     link_tree(src.parent, scratch, methods=("reflink", "hardlink", "copy"))
@@ -126,13 +140,18 @@ def calibrate_ranges(src: Path, tensors: list[str], names_in: list[str], names_o
 
     def step(inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         feed = {n: t.numpy() for n, t in zip(names_in, inputs)}
-        values = session.run(names_out + extra, feed)
-        seen = {**feed, **dict(zip(names_out + extra, values))}
+        values = session.run(names_out + stats, feed)
+        seen = dict(zip(stats, values[len(names_out):]))
         for t in tensors:
-            observers[t].update(seen[t])
+            if t in feed:
+                observers[t].update(feed[t])
+            else:
+                observers[t].add(float(seen[f"{t}__min"]), float(seen[f"{t}__max"]),
+                                 float(seen[f"{t}__abs_sum"]), int(seen[f"{t}__count"]))
         return [torch.from_numpy(v) for v in values[:len(names_out)]]
 
     drive(step)
+    del session
     shutil.rmtree(scratch)
     return observers
 
