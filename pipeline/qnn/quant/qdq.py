@@ -151,7 +151,6 @@ def calibrate_ranges(src: Path, tensors: list[str], names_in: list[str], names_o
         return [torch.from_numpy(v) for v in values[:len(names_out)]]
 
     drive(step)
-    del session
     shutil.rmtree(scratch)
     return observers
 
