@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.engine.errors import KilnError
 from pipeline.engine.stage import Stage
@@ -52,6 +52,12 @@ STAGES: dict[str, str] = {
 }
 
 
+# The backend whose stages serve each target runtime (`recipes/targets/*.yaml`: runtime). A recipe
+# is validated and planned against the generic stages, its runtime's backend and any backend its
+# `stages:` section names: `doit` imports no other stage module (a no-op build stays fast).
+RUNTIME_BACKENDS: dict[str, str] = {"genie": "qnn", "llama.cpp": "llamacpp", "mnn": "mnn", "kuiper": "kuiper"}
+
+
 def backend(name: str) -> str:
     """`qnn.compile` → `qnn`; a bare name → `generic`."""
     return name.split(".")[0] if "." in name else "generic"
@@ -75,8 +81,19 @@ def all_stages() -> tuple[type[Stage], ...]:
     return tuple(stage_class(name) for name in STAGES)
 
 
+def stages_for(doc: dict[str, Any]) -> tuple[type[Stage], ...]:
+    """The stages a merged recipe document is validated against: generic ones, its target
+    runtime's backend, and the backends of the sections under `stages:`."""
+    target = doc.get("target")
+    runtime = target.get("runtime") if isinstance(target, dict) else None
+    sections = doc.get("stages")
+    named = {backend(n) for n in sections if isinstance(n, str)} if isinstance(sections, dict) else set()
+    wanted = {"generic", RUNTIME_BACKENDS.get(runtime, "generic")} | named
+    return tuple(stage_class(n) for n in STAGES if backend(n) in wanted)
+
+
 def load_recipe(name: str, settings: Settings | None = None) -> Recipe:
-    """A recipe validated against every registered stage's params."""
+    """A recipe validated against the params of the stages that can serve it (`stages_for`)."""
     from pipeline.recipe.load import load_recipe as load
 
-    return load(name, settings, all_stages())
+    return load(name, settings, stages_for)

@@ -38,7 +38,7 @@ from pipeline.engine.plan import StageSpec, resolve, resolved
 from pipeline.engine.progress import INTERVAL_ENV, LOG_INTERVAL, TERMINAL_INTERVAL
 from pipeline.engine.run_stage import RUNNER_PID_ENV
 from pipeline.engine.settings import Settings
-from pipeline.engine.store import Store, remove_tree, stat_signature
+from pipeline.engine.store import Store, changed_files, remove_tree, stat_signature
 
 ENTRY_MARK = ".kiln-entry.json"
 
@@ -62,10 +62,7 @@ def workspace_intact(spec: StageSpec, mark: dict | None = None) -> bool:
     files = (workspace_mark(spec) if mark is None else mark).get("files")
     if files is None:
         return False
-    try:
-        return all(stat_signature(spec.workspace / rel) == sig for rel, sig in files.items())
-    except OSError:
-        return False
+    return not changed_files(spec.workspace, files)
 
 
 def is_up_to_date(spec: StageSpec, specs: list[StageSpec]) -> bool:

@@ -26,6 +26,17 @@ SEED_PROMPT = "I believe the meaning of life is"
 _DECODE_RUNS = re.compile(r"(?<!prompt )eval time =\s*[\d.]+ ms /\s*(\d+) runs")
 
 
+def continuation(text: str, stderr: str, prompt: str) -> int:
+    """Tokens llama-completion generated and fed back (its decode runs); fails when it generated
+    nothing. A model may well sample tokens that print nothing (whitespace, special tokens: a shape
+    rehearsal's random weights do), so the count, not the visible text, is the evidence; a first
+    sampled token that ends generation (EOS) is never evaluated, so it does not count."""
+    runs = _DECODE_RUNS.search(stderr)
+    generated = int(runs.group(1)) if runs else 0
+    if not text.strip().startswith(prompt[:20]) or not (generated or len(text.strip()) > len(prompt)):
+        raise KilnError(f"llama-completion produced no continuation: {text!r}")
+    return generated
+
 class VerifyParams(Strict):
     prompt: Prompt = Field(SEED_PROMPT, description="Prompt of the greedy completion check.")
     n_predict: int = Field(32, ge=1, description="Tokens to generate (-n).")
@@ -44,7 +55,7 @@ class LlamacppVerify(PerQuantType):
     """Completion and bench of each quant type with the target's binaries (qemu)."""
 
     name = VERIFY
-    version = 1
+    version = 2  # 2: generated_tokens counts decode runs (an EOS sampled first is none)
     Params = VerifyParams
     tools = ("exe:qemu-aarch64-static",)
 
@@ -68,13 +79,7 @@ class LlamacppVerify(PerQuantType):
                          "-c", p["ctx"], "--temp", "0", "-s", "0", "-t", threads(), "-no-cnv"], capture=True, timeout=1800)
         text = done.stdout
         print(done.stderr[-2000:])
-        # tokens sampled: one after the prompt's evaluation, one per decode run after it. A model may
-        # well sample tokens that print nothing (whitespace, special tokens: a shape rehearsal's random
-        # weights do), so the count, not the visible text, says whether it generated.
-        runs = _DECODE_RUNS.search(done.stderr)
-        generated = int(runs.group(1)) + 1 if runs else 0
-        if not text.strip().startswith(p["prompt"][:20]) or not (generated or len(text.strip()) > len(p["prompt"])):
-            raise KilnError(f"llama-completion produced no continuation: {text!r}")
+        generated = continuation(text, done.stderr, p["prompt"])
         bench = run_tool([*prefix, bin_dir / "llama-bench", "-m", model, "-p", p["bench_prompt"],
                           "-n", p["bench_gen"], "-r", "1", "-t", threads(), "-o", "json"], capture=True, timeout=1800)
         rows = json.loads(bench.stdout)

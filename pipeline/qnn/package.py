@@ -57,7 +57,8 @@ class QnnPackage(ShipsTemplates, QnnStage):
     """models/, tokenizer, prompt files, run.sh and the SDK runtime libraries for the phone."""
 
     name = "qnn.package"
-    version = 3  # 2: the binary's libQnnSystem metadata in package.json and README; 3: prompt.txt, not -p '...'
+    version = 4  # 2: the binary's libQnnSystem metadata in package.json and README; 3: prompt.txt, not -p '...';
+    # 4: package.json lists `binaries` for one part too
     templates_used = ("genie/run.sh.j2", "genie/README.md.j2")
     Params = QnnPackageParams
     per_recipe = True
@@ -134,8 +135,9 @@ class QnnPackage(ShipsTemplates, QnnStage):
         os.chmod(run_sh, 0o755)
         (ctx.out / "README.md").write_text(render("genie/README.md.j2", **values))
         (ctx.out / "package.json").write_text(json.dumps({
-            # as libQnnSystem reads them back (qnn.compile checked them against the recipe)
-            **({"binary": binaries[0]} if parts == 1 else {"binaries": binaries}),
+            # as libQnnSystem reads them back (qnn.compile checked them against the recipe); a list
+            # whatever the part count, so a reader needs no second shape
+            "binaries": binaries,
             "prompts": {n: len(tokenizer(t, add_special_tokens=False)["input_ids"]) for n, t in prompts.items()},
             "sdk_libraries_copied": copied, "sdk_libraries_missing": missing}, indent=2) + "\n")
         ctx.log.info(f"qnn.package: {len(prompts)} prompt files, SDK libraries "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -102,10 +102,11 @@ def available(directory: Path) -> list[str]:
     return sorted(p.stem for p in directory.glob("*.yaml") if not p.stem.startswith("_"))
 
 
-def load_recipe(name: str, settings: Settings | None, stages: Sequence[type[Stage]]) -> Recipe:
-    """Read, merge and validate `recipes/<name>.yaml` against the fixed keys and `stages`' params."""
+def load_recipe(name: str, settings: Settings | None,
+                stages: Sequence[type[Stage]] | Callable[[dict[str, Any]], Sequence[type[Stage]]]) -> Recipe:
+    """Read, merge and validate `recipes/<name>.yaml` against the fixed keys and `stages`' params
+    (or the stages `stages` picks for the merged document, its target resolved)."""
     settings = settings or Settings.from_env()
-    stages = tuple(stages)
     if not re.fullmatch(RECIPE_NAME, name):
         raise RecipeError(f"recipe name {name!r}: letters, digits, '_', '-' (the first a letter or digit), "
                           "at most 64 characters: it names folders and files")
@@ -123,6 +124,7 @@ def load_recipe(name: str, settings: Settings | None, stages: Sequence[type[Stag
     for kind, folder in (("target", "targets"), ("scheme", "schemes")):
         if kind in doc:
             doc[kind], pos = _resolve_ref(kind, doc[kind], settings.recipes_dir / folder, pos, settings, notes)
+    stages = tuple(stages(doc) if callable(stages) else stages)
     spec = _validate(recipe_model(stages), doc, pos, settings.shown(file))
     return Recipe(name=name, file=file, spec=spec, positions=pos, settings=settings, stages=stages, notes=tuple(notes))
 

@@ -82,3 +82,30 @@ def test_every_stage_class_is_registered():
                 named.add(module_name(path))
     assert named == set(STAGES.values())
     assert all(issubclass(c, Stage) and c.version >= 1 for c in all_stages())
+
+
+def test_each_runtime_is_served_by_its_backend_only():
+    """RUNTIME_BACKENDS (what `doit` imports for a recipe) agrees with what the stages declare."""
+    from pipeline.registry import RUNTIME_BACKENDS
+
+    for cls in all_stages():
+        for runtime in cls.runtimes:
+            assert backend(cls.name) in ("generic", RUNTIME_BACKENDS[runtime]), (cls.name, runtime)
+    assert {RUNTIME_BACKENDS[r] for c in all_stages() for r in c.runtimes} == {backend(n) for n in STAGES} - {"generic"}
+
+
+def test_a_recipe_loads_only_its_backends_stages_and_still_checks_other_sections(project):
+    """A llama.cpp recipe imports no Qualcomm stage; a `stages:` section of another backend is
+    still validated against that stage's params."""
+    import subprocess
+    import sys
+
+    project.write("b.yaml", "model: {name: m, hf_dir: /nonexistent}\ntarget: rk3568\nscheme: fp32\n")
+    project.write("c.yaml", "extends: b\nstages:\n  qnn.compile: {vtcm_mb: -1}\n")
+    code = ("import sys; from pipeline.registry import load_recipe\n"
+            "r = load_recipe('b'); print(sorted({c.name.split('.')[0] for c in r.stages if '.' in c.name}),"
+            " [m for m in sys.modules if m.startswith(('pipeline.qnn', 'pipeline.mnn', 'pipeline.kuiper'))])\n"
+            "load_recipe('c')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=project.env())
+    assert proc.stdout.splitlines()[0] == "['llamacpp'] []", proc.stdout + proc.stderr
+    assert "c.yaml:3" in proc.stderr and "vtcm_mb" in proc.stderr, proc.stderr

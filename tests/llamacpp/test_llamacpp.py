@@ -235,10 +235,14 @@ def test_ship_primary_keeps_the_other_types_out_of_the_bundle_and_every_key(proj
         load_recipe("r", project.settings(monkeypatch))
 
 
-def test_sampled_tokens_are_read_from_llama_cpp_timings():
-    from pipeline.llamacpp.verify import _DECODE_RUNS
+def test_generated_tokens_are_read_from_llama_cpp_timings_and_eos_first_is_no_continuation():
+    from pipeline.llamacpp.verify import continuation
 
-    log = ("common_perf_print: prompt eval time =   34000.00 ms /     7 tokens (  4857.14 ms per token)\n"
-           "common_perf_print:        eval time =   17615.49 ms /     3 runs   ( 5871.83 ms per token,     0.17 t/s)\n")
-    assert _DECODE_RUNS.search(log).group(1) == "3"
-    assert _DECODE_RUNS.search(log.splitlines()[0]) is None  # the prompt's line is not a decode count
+    prompt_line = "common_perf_print: prompt eval time =   34000.00 ms /     7 tokens (  4857.14 ms per token)\n"
+    decode_line = "common_perf_print:        eval time =   17615.49 ms /     {} runs   ( 5871.83 ms per token,     0.17 t/s)\n"
+    assert continuation("Once upon", prompt_line + decode_line.format(3), "Once upon") == 3  # whitespace: counted
+    assert continuation("Once upon a time", prompt_line, "Once upon") == 0  # visible text, no timings
+    with pytest.raises(KilnError, match="no continuation"):  # EOS sampled first: nothing fed back, nothing shown
+        continuation("Once upon", prompt_line + decode_line.format(0), "Once upon")
+    with pytest.raises(KilnError, match="no continuation"):  # the prompt's token count is not a decode count
+        continuation("Once upon", prompt_line, "Once upon")

@@ -31,7 +31,8 @@ def test_bundle_is_the_genie_layout_and_sdk_libraries_come_from_qnn_sdk_root(tin
     assert not any(f.startswith("unshared/") or f.endswith("_qnn.bin") for f in files)  # simulator-only binaries
     package = json.loads((tiny_htp_project.artifacts / "tq" / "qnn.package" / "package.json").read_text())
     assert package["prompts"] == {"16": 16, "100": 100}
-    assert package["binary"]["soc_model"] == 69 and sorted(g["ar"] for g in package["binary"]["graphs"].values()) == [1, 16]
+    [binary] = package["binaries"]
+    assert binary["soc_model"] == 69 and sorted(g["ar"] for g in binary["graphs"].values()) == [1, 16]
     assert "soc model 69, HTP v79" in (to_device / "README.md").read_text()
     assert sorted(package["sdk_libraries_missing"]) == LIBS
     run_sh = (to_device / "run.sh").read_text()

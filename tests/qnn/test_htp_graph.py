@@ -152,3 +152,38 @@ def test_renamed_part_graphs_keep_ar_and_part_whatever_the_model_name(tmp_path):
     assert onnx.load(str(names[1][0])).graph.node[0].name == new[1]
     with pytest.raises(KilnError, match="not in the context binary"):  # renamed already: the old name is gone
         rename_compiled_graph(names[1][0], names[1][1])
+
+
+def test_two_parts_chained_compute_exactly_the_whole_device_graph(tiny_htp_project):
+    """The cut itself, without a compile (tests/qnn/test_verify_htp.py runs the parts on the
+    simulator and in Genie, slowly): part 1's quantized residual fed to part 2 gives bit for bit
+    the whole graph's logits and KV, and each part holds only its own layers' KV."""
+    import json
+
+    from tests.conftest import tiny_htp_recipe
+
+    tiny_htp_project.write("ts.yaml", tiny_htp_recipe(scheme="w4a16_kv8"))
+    tiny_htp_project.doit("recipe=ts", "ts:qnn.quantize")
+    quantized_dir = tiny_htp_project.artifacts / "ts" / "qnn.quantize"
+    graph = next(g for g in json.loads((quantized_dir / "quantize.json").read_text())["graphs"] if g["ar"] == 16)
+    whole_dir, parts_dir = tiny_htp_project.dir / "whole", tiny_htp_project.dir / "parts"
+    whole_dir.mkdir(), parts_dir.mkdir()
+    [(name, ins, outs)] = write_device_graphs(quantized_dir / graph["qdq"], whole_dir, parts=1)
+    parts = write_device_graphs(quantized_dir / graph["qdq"], parts_dir, parts=2)
+    assert [p[0] for p in parts] == [f"{name}_1_of_2", f"{name}_2_of_2"]
+
+    rng = np.random.default_rng(0)
+    feed = {t.name: rng.integers(0, 40 if t.name == "input_ids" else np.iinfo(t.dtype).max, t.shape).astype(t.dtype)
+            for t in ins}
+    want = dict(zip([t.name for t in outs], ort.InferenceSession(str(whole_dir / f"{name}.onnx")).run(None, feed)))
+    got: dict[str, np.ndarray] = {}
+    for part, part_ins, part_outs in parts:
+        assert {t.name.split("_")[2] for t in part_ins + part_outs if t.name.startswith("past_")} == \
+            ({"0"} if part.endswith("_1_of_2") else {"1"})
+        values = ort.InferenceSession(str(parts_dir / f"{part}.onnx")).run(
+            None, {t.name: got.get(t.name, feed.get(t.name)) for t in part_ins})
+        got.update(zip([t.name for t in part_outs], values))
+    cut = next(t for t in parts[0][2] if not t.name.startswith("past_"))
+    assert cut.dtype == "uint16" and cut.scale and cut.name in {t.name for t in parts[1][1]}
+    for out, value in want.items():
+        assert np.array_equal(got[out], value), out
