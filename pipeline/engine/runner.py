@@ -277,7 +277,7 @@ def _run_child(argv: list[str], log_path: Path, settings: Settings,
     # progress bars redraw often on a terminal, seldom into a CI log (engine/progress.py)
     env.setdefault(INTERVAL_ENV, str(TERMINAL_INTERVAL if os.isatty(1) else LOG_INTERVAL))
     tail: deque[str] = deque(maxlen=20)
-    with open(log_path, "wb") as log:
+    with open(log_path, "wb", buffering=0) as log:  # unbuffered: `tail -f` follows a running stage
         # its own process group (the stage and the tools it runs): Ctrl-C reaches us only, and we end it
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, cwd=settings.root, start_new_session=True)

@@ -14,7 +14,7 @@ Covers Llama 2/3, TinyLlama, SmolLM and Qwen2-style GQA (q/k/v biases kept).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -222,33 +222,48 @@ def advance_past(past: list[torch.Tensor], new_kv: list[torch.Tensor], n: int) -
 Step = Callable[[tuple[torch.Tensor, ...]], list[torch.Tensor]]
 
 
-def run_steps(step: Step, hf_model: nn.Module, ids: list[int], ar: int, context: int,
-              on_step: Callable[[tuple[torch.Tensor, ...], list[torch.Tensor]], None] | None = None,
-              label: str = "") -> torch.Tensor:
+def steps(step: Step, hf_model: nn.Module, ids: list[int], ar: int, context: int,
+          label: str = "") -> Iterator[tuple[tuple[torch.Tensor, ...], list[torch.Tensor], int]]:
     """Feed `ids` (≤ context tokens) through an AR graph in steps of `ar` tokens, the way the
-    device does; `step` runs one graph call (torch module or onnxruntime). Returns logits [n, vocab].
-    With a `label`, the steps report progress under it."""
-    got, past = [], None
+    device does; `step` runs one graph call (torch module or onnxruntime). Yields each step's
+    (inputs, outputs, tokens in it). With a `label`, the steps report progress under it."""
+    past = None
     starts = range(0, len(ids), ar)
     for start in progress(starts, label, "step") if label else starts:
         chunk = ids[start:start + ar]
         inputs = step_inputs(hf_model, chunk, start, ar, context, past)
         outputs = step(inputs)
+        yield inputs, outputs, len(chunk)
+        past = advance_past(list(inputs[4:]), outputs[1:], len(chunk))
+
+
+def run_steps(step: Step, hf_model: nn.Module, ids: list[int], ar: int, context: int,
+              on_step: Callable[[tuple[torch.Tensor, ...], list[torch.Tensor]], None] | None = None,
+              label: str = "") -> torch.Tensor:
+    """`steps`, with every step's logits gathered: [n, vocab]."""
+    got = []
+    for inputs, outputs, n in steps(step, hf_model, ids, ar, context, label):
         if on_step is not None:
             on_step(inputs, outputs)
-        got.append(outputs[0][0, :len(chunk)])
-        past = advance_past(list(inputs[4:]), outputs[1:], len(chunk))
+        got.append(outputs[0][0, :n])
     return torch.cat(got)
 
 
 def ar_perplexity(step: Step, hf_model: nn.Module, ids: list[int], ar: int, context: int, windows: int) -> float:
     """exp(mean NLL) over the first `windows` non-overlapping windows of `context` tokens, each run
-    through the AR graph step by step (so it measures exactly what the graph computes)."""
+    through the AR graph step by step (so it measures exactly what the graph computes). Scored
+    step by step: a window's logits at context 4096 and a 128k vocabulary are 2 GB, three times
+    over with their concatenation and log-softmax."""
     nll, count = 0.0, 0
     for w in progress(range(min(windows, len(ids) // context)), "perplexity", "window"):
         chunk = ids[w * context:(w + 1) * context]
-        logits = run_steps(step, hf_model, chunk, ar, context).float()
-        nll += nn.functional.cross_entropy(logits[:-1], torch.tensor(chunk[1:]), reduction="sum").item()
+        start = 0
+        for _, outputs, n in steps(step, hf_model, chunk, ar, context):
+            targets = chunk[start + 1:start + n + 1]  # the next token of each position (none after the last)
+            if targets:
+                logits = outputs[0][0, :len(targets)].float()
+                nll += nn.functional.cross_entropy(logits, torch.tensor(targets), reduction="sum").item()
+            start += n
         count += len(chunk) - 1
     return math.exp(nll / count)
 

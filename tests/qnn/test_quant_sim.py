@@ -108,3 +108,20 @@ def test_calibrate_ranges_reduces_in_the_graph_to_the_statistics_of_the_full_ten
         g, w = got[t], want[t]
         assert (g.lo, g.hi, g.count) == (w.lo, w.hi, w.count), t
         assert math.isclose(g.abs_sum, w.abs_sum, rel_tol=1e-6), t
+
+
+def test_ar_perplexity_scored_step_by_step_equals_scoring_the_gathered_logits():
+    """The streaming score (no window of logits kept) is exp(mean NLL) of the whole window's logits,
+    with AR steps that do not divide the window (a last step of one token)."""
+    from pipeline.qnn.adapted_llama import ar_perplexity
+
+    hf = tiny_hf()
+    step = torch_step(AdaptedLlama(hf).eval())
+    ids = [(7 * i + 3) % 50 for i in range(2 * 13)]
+    want = []
+    for w in range(2):
+        chunk = ids[w * 13:(w + 1) * 13]
+        logits = run_steps(step, hf, chunk, 4, 13)
+        want.append(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(chunk[1:]), reduction="none"))
+    expected = math.exp(torch.cat(want).mean().item())
+    assert math.isclose(ar_perplexity(step, hf, ids, 4, 13, windows=5), expected, rel_tol=1e-5)
