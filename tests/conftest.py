@@ -142,6 +142,15 @@ def tiny_project(project: Project, tiny_model_dir: Path) -> Project:
     return project
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`-n`, `--dist loadgroup`: pyproject's addopts) the tests sharing the
+    Qualcomm-path store (`tiny_htp_project`) run on one worker: its session-wide entries are then
+    built once, not once per worker."""
+    for item in items:
+        if "tiny_htp_project" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("htp_store"))
+
+
 @pytest.fixture(scope="session")
 def htp_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("htp_store")
