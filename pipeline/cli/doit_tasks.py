@@ -7,6 +7,7 @@ no file_dep, so doit never md5s a large file.
 """
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -23,8 +24,19 @@ from pipeline.recipe.load import Recipe
 from pipeline.registry import load_recipe
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a `kill`, a CI job's timeout): stopped like Ctrl-C, so the running stage's process
+    group is ended, its scratch removed and its lock released (exit 143, not 130)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def settings_or_exit() -> Settings:
-    """Settings from the environment and pyproject; a bad value ends the process with the message, exit 2."""
+    """Settings from the environment and pyproject; a bad value ends the process with the message, exit 2.
+    From here on SIGTERM stops the build as Ctrl-C does."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return Settings.from_env()
     except KilnError as e:
@@ -40,8 +52,8 @@ def load_or_exit(name: str, settings: Settings) -> tuple[Recipe, list[StageSpec]
     except KilnError as e:
         print(f"kiln: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as e:
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
     for note in recipe.notes:
         say(note)
     return recipe, specs
@@ -53,10 +65,11 @@ def _action(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> Any:
             build(spec, specs, settings)
         except KilnError as e:
             return TaskFailed(str(e))
-        except KeyboardInterrupt:
-            print(f"\nkiln: interrupted {spec.task_name}: nothing of it was published, its lock is released; "
+        except KeyboardInterrupt as e:
+            how = "terminated" if isinstance(e, Terminated) else "interrupted"
+            print(f"\nkiln: {how} {spec.task_name}: nothing of it was published, its lock is released; "
                   f"run the same command again to resume", file=sys.stderr, flush=True)
-            raise SystemExit(130) from None
+            raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
         if spec.stage == "bundle":
             tar = spec.workspace / f"{spec.recipe}.tar.gz"
             say(f"bundle ready: {settings.shown(spec.workspace / 'to_device')} (tarball {settings.shown(tar)})")

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import wait_for
 
 from pipeline.engine.lock import FileLock
@@ -76,14 +77,16 @@ def test_kill_9_of_doit_takes_the_stage_process_with_it(tiny_project):
     assert "tiny:bundle: built" in out
 
 
-def test_ctrl_c_is_one_line_exit_130_lock_released_nothing_published(tiny_project):
+@pytest.mark.parametrize("sig, rc, how", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_or_term_is_one_line_lock_released_nothing_published(tiny_project, sig, rc, how):
+    """Ctrl-C (SIGINT from the terminal; the stage has its own group) or a `kill` / CI timeout (SIGTERM)."""
     proc, store = start_model_build(tiny_project)
-    os.kill(proc.pid, signal.SIGINT)  # what the terminal sends on Ctrl-C (the stage has its own group)
+    os.kill(proc.pid, sig)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out
+    assert proc.returncode == rc, out
     assert "Traceback" not in out
-    lines = [line for line in out.splitlines() if "interrupted" in line]
-    assert lines == ["kiln: interrupted tiny:model: nothing of it was published, its lock is released; "
+    lines = [line for line in out.splitlines() if how in line]
+    assert lines == [f"kiln: {how} tiny:model: nothing of it was published, its lock is released; "
                      "run the same command again to resume"]
     wait_for(lambda: not stage_processes(str(tiny_project.store)), 10)
     assert list(store.actions()) == [] and list((tiny_project.store / "locks").glob("*.lock")) == []
