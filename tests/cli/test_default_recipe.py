@@ -23,7 +23,7 @@ from pipeline import ROOT
 from pipeline.engine.settings import Settings
 from pipeline.engine.store import Store
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(__name__)]  # one worker builds the module fixture
 DEFAULT = Settings.from_env().default_recipe
 
 

@@ -20,7 +20,7 @@ from conftest import new_project
 from pipeline import ROOT
 from pipeline.engine.settings import Settings
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(__name__)]  # one worker builds the module fixture
 SHIPPED = "smollm2_135m_rk3568"
 RECIPE = "rk_ci"
 DEVICE_TOOLS = ["llama-completion", "llama-bench"]
