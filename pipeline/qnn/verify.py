@@ -186,21 +186,28 @@ def simulator_numerics(ctx: StageContext, hf: Any, tokenizer: Any) -> dict[str, 
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:p["text_tokens"]]
     ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
     names_in, names_out = io_names(hf.config.num_hidden_layers)
-    sim_steps, cpu_steps = {}, {}
-    for ar, graphs in ar_parts(io).items():
+    graphs_of = ar_parts(io)
+    for ar, graphs in graphs_of.items():
         # the parts of one AR graph read the adapted model's inputs and together write its outputs
         read = {t["name"] for g in graphs for t in io[g]["inputs"]}
         written = {t["name"] for g in graphs for t in io[g]["outputs"]}
         if not read - written <= set(names_in) or not set(names_out) <= written:
             raise KilnError(f"qnn.verify: AR-{ar}: device I/O in io.json is not the adapted model's I/O")
-        sim_steps[ar] = htp_step([(simulator_session(compiled / "unshared" / f"{g}.onnx", p["soc_model"], p["htp_arch"]),
-                                   io[g]) for g in graphs], names_in, names_out)
-        whole = io[graphs[0]].get("whole", graphs[0])  # the CPU runs the QDQ graph uncut
-        cpu_steps[ar] = ort_step(ort_session(quantized / f"{whole}.qdq.onnx"), names_in, names_out)
+
+    # one kind of session at a time (at 1B each holds the weights once more): the simulator's,
+    # then the CPU's over the QDQ graphs, uncut
+    def simulator_steps() -> dict[int, Any]:
+        return {ar: htp_step([(simulator_session(compiled / "unshared" / f"{g}.onnx", p["soc_model"], p["htp_arch"]),
+                               io[g]) for g in graphs], names_in, names_out) for ar, graphs in graphs_of.items()}
+
+    def cpu_steps() -> dict[int, Any]:
+        return {ar: ort_step(ort_session(quantized / f"{io[graphs[0]].get('whole', graphs[0])}.qdq.onnx"),
+                             names_in, names_out) for ar, graphs in graphs_of.items()}
+
     t0 = time.monotonic()
-    sim_logits, generated = prefill_and_decode(sim_steps, hf, ids, p["decode_steps"], p["context_length"])
+    sim_logits, generated = prefill_and_decode(simulator_steps(), hf, ids, p["decode_steps"], p["context_length"])
     seconds = time.monotonic() - t0
-    cpu_logits, _ = prefill_and_decode(cpu_steps, hf, ids, p["decode_steps"], p["context_length"])
+    cpu_logits, _ = prefill_and_decode(cpu_steps(), hf, ids, p["decode_steps"], p["context_length"])
     with torch.no_grad():
         float_logits = hf(torch.tensor([ids + generated])).logits[0]
     float_logits = float_logits[:sim_logits.shape[0]]
