@@ -140,10 +140,13 @@ def test_cmake_toolchain(project, monkeypatch, tmp_path):
     toolchain = tmp_path / "toolchain.cmake"
     toolchain.write_text(render("llamacpp/toolchain.cmake.j2", triple=p["triple"], arch=p["arch"], core=p["core"],
                                 emulator=emulator)
-                         + 'message(STATUS "emulator=${CMAKE_CROSSCOMPILING_EMULATOR}")\n')
+                         + 'message(STATUS "emulator=${CMAKE_CROSSCOMPILING_EMULATOR}")\n'
+                         + 'message(STATUS "cc=${CMAKE_C_COMPILER} cpu=${CMAKE_SYSTEM_PROCESSOR} '
+                           'root=${CMAKE_FIND_ROOT_PATH}")\n')
     out = subprocess.run(["cmake", "-P", str(toolchain)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert f"emulator={emulator.replace(';', chr(92) + ';')};-cpu;max" in out.stdout + out.stderr
+    assert "cc=aarch64-linux-gnu-gcc cpu=aarch64 root=/usr/aarch64-linux-gnu" in out.stdout + out.stderr
     assert markers(tmp_path) == []
 
 
