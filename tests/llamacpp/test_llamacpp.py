@@ -60,9 +60,10 @@ def test_seed_8b_recipes_plan_and_stop_at_model():
 def test_toolchain_template_renders_cross_settings():
     text = render("llamacpp/toolchain.cmake.j2", triple="aarch64-linux-gnu", arch="aarch64", core="cortex-a55",
                   emulator="/usr/bin/qemu-aarch64-static")
-    assert "set(CMAKE_SYSTEM_NAME Linux)" in text and "set(CMAKE_SYSTEM_PROCESSOR aarch64)" in text
-    assert "set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)" in text and "set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)" in text
-    assert "set(CMAKE_FIND_ROOT_PATH /usr/aarch64-linux-gnu)" in text
+    assert "set(CMAKE_SYSTEM_NAME Linux)" in text and 'set(CMAKE_SYSTEM_PROCESSOR "aarch64")' in text
+    assert 'set(CMAKE_C_COMPILER "aarch64-linux-gnu-gcc")' in text
+    assert 'set(CMAKE_CXX_COMPILER "aarch64-linux-gnu-g++")' in text
+    assert 'set(CMAKE_FIND_ROOT_PATH "/usr/aarch64-linux-gnu")' in text
     assert 'set(CMAKE_CROSSCOMPILING_EMULATOR "/usr/bin/qemu-aarch64-static" -cpu max)' in text
     without = render("llamacpp/toolchain.cmake.j2", triple="aarch64-linux-gnu", arch="aarch64", core="x",
                      emulator=None)
