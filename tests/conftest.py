@@ -142,13 +142,19 @@ def tiny_project(project: Project, tiny_model_dir: Path) -> Project:
     return project
 
 
+# Modules whose tests wait on one long real build (llama.cpp built twice, cold: ~15 min on 2 cores):
+# collected first, so that under xdist one worker starts it at once while the others run the rest.
+LONG_FIRST = ("test_llamacpp_e2e.py",)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`-n`, `--dist loadgroup`: pyproject's addopts) the tests sharing the
     Qualcomm-path store (`tiny_htp_project`) run on one worker: its session-wide entries are then
-    built once, not once per worker."""
+    built once, not once per worker. The longest build's tests come first (LONG_FIRST)."""
     for item in items:
         if "tiny_htp_project" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("htp_store"))
+    items.sort(key=lambda item: item.path.name not in LONG_FIRST)  # stable: otherwise collection order
 
 
 @pytest.fixture(scope="session")
