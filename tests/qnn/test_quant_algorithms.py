@@ -97,3 +97,27 @@ def test_blocks_that_do_not_divide_the_input_width_fall_back_to_per_channel():
     assert grid_for("model.layers.0.mlp.up_proj.weight", scheme, (1536, 576)) == Grid(4, "per-channel", None)
     assert grid_for("lm_head.weight", scheme, (49152, 576)) == Grid(8, "per-channel", None)
     assert grid_for("model.norm.weight", scheme, (576,)) == Grid(16, "per-tensor", None)
+
+
+@pytest.mark.parametrize("algorithm", ["gptq", "seqmse", "rtn"])
+@pytest.mark.parametrize("granularity", ["per-block", "per-channel", "per-tensor"])
+def test_a_weight_calibrated_in_row_chunks_equals_it_calibrated_whole(monkeypatch, algorithm, granularity):
+    """Rows never interact (ranges per row or per group, GPTQ's error spread along rows), so the row
+    chunks a large weight is cut into (the LM head) give the same codes, scales and zero points;
+    a per-tensor range is never cut."""
+    from pipeline.qnn.quant import model
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 64) * torch.linspace(0.1, 3, 64)
+    grid = Grid(4, granularity, symmetric=False, block_size=16 if granularity == "per-block" else None)
+
+    def run(chunk_elements: int) -> dict:
+        monkeypatch.setattr(model, "CHUNK_ELEMENTS", chunk_elements)
+        torch.manual_seed(1)
+        linear = torch.nn.Linear(64, 40, bias=False)
+        return model._quantize_one("l", linear, grid, algorithm, hessian(x), "cpu") | {"w": linear.weight.data}
+
+    whole, chunked = run(1 << 30), run(7 * 64)  # 7 rows a chunk: 40 rows in 6 chunks, the last short
+    assert torch.allclose(whole["w"], chunked["w"], rtol=0, atol=1e-6)
+    assert torch.equal(whole["scale"], chunked["scale"]) and torch.equal(whole["zero"], chunked["zero"])
+    assert whole["sqnr_db"] == chunked["sqnr_db"]
