@@ -18,6 +18,7 @@ the budget runs alone among the stages that declare their peak.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -116,6 +117,16 @@ def own_peak_rss() -> int:
     except OSError:
         pass
     return 0
+
+
+def return_free_memory() -> None:
+    """Hand the allocator's free pages back to the system (glibc's malloc_trim): after a phase that
+    peaked, the heap keeps what it freed (tensors under glibc's mmap threshold, which grows to 32 MB
+    once large blocks are freed), and the next phase's peak lands on top of it. No-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def tree_bytes(path: Path) -> int:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from pipeline.engine.cost import human_bytes, own_peak_rss
+from pipeline.engine.cost import human_bytes, own_peak_rss, return_free_memory
 from pipeline.engine.errors import KilnError
 from pipeline.engine.stage import StageContext, Strict
 from pipeline.qnn.common import EXPORT, QUANTIZE, GraphStage, calibration_device, export_nodes
@@ -198,6 +198,7 @@ class QnnQuantize(GraphStage):
         # 4. the QDQ graph in onnxruntime, step by step like the sim; the integer codes are in the QDQ
         # files now, and onnxruntime is about to hold the weights once more (at 1B: 1.2 GB less)
         del params
+        return_free_memory()
         session = ort_session(ctx.out / f"{main['graph']}.qdq.onnx")
         ppl_qdq = timed("QDQ ONNX PPL (onnxruntime)", ppl, ort_step(session, names_in, names_out))
         gap = 100 * (ppl_qdq / ppl_sim - 1)
@@ -258,6 +259,7 @@ def _kiln_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structur
     shapes = {i.name: tuple(i.dims) for i in structure.graph.initializer}
     rows, params, weight_seconds = quantize_model(cal.hf, scheme, algorithm, cal.weight_prompts, shapes, device,
                                                   ctx.resume / "calibration")
+    return_free_memory()  # calibration's working copies, before the sim adds the dequantized weights
     ctx.log.info(f"weights: {algorithm} on {device} ({len(cal.weight_prompts)} prompts, "
                  f"{sum(map(len, cal.weight_prompts))} tokens), {len(rows)} projections + {len(params) - len(rows)} "
                  f"other params ({weight_seconds:.1f}s, peak RSS so far {human_bytes(own_peak_rss())})")
@@ -271,6 +273,7 @@ def _kiln_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structur
     # the sim holds the weights the graphs will carry (or views of the HF model's where they are
     # the same): the HF model's own copies go before onnxruntime loads the weights once more
     release_weights(cal.hf)
+    return_free_memory()
     act_bits, ratio = scheme["activations"], float16_ratio(scheme)
     # activation statistics on the weight-quantized graph (as the sim's)
     tensors = [t for t in qdq.activation_tensors(structure) if not t.startswith("past_")]

@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -105,37 +106,58 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def calibrate_ranges(src: Path, tensors: list[str], names_in: list[str], names_out: list[str],
-                     drive: Callable[[Step], None], scratch: Path) -> dict[str, Observer]:
-    """Statistics of `tensors` over the calibration runs `drive` makes with the step function
-    it is given (graph `src`). The graph reduces each tensor itself (min, max, sum |x| in float64,
-    element count) and returns only those scalars: at context 4096 a step's activations, every
-    attention score among them, are gigabytes that would otherwise all be returned at once."""
-    import torch
-
-    from pipeline.qnn.onnx_check import ort_session
-
-    model = onnx.load(str(src), load_external_data=False)
-    reduced = [t for t in tensors if t not in names_in]
-    stats = [f"{t}__{kind}" for t in reduced for kind in ("min", "max", "abs_sum", "count")]
+def with_reductions(model: onnx.ModelProto, tensors: list[str]) -> list[str]:
+    """Give `model` scalar outputs `<t>__min`, `__max`, `__abs_sum` (float64) and `__count` for
+    every tensor `t` of `tensors` that a node makes; return their names. Each tensor's reductions
+    come right after the node that makes it, so that onnxruntime with `calibration_options` runs
+    them at once: reductions at the end would keep every activation alive until then (24 GB at 1B,
+    context 4096)."""
+    made = {t for n in model.graph.node for t in n.output}
+    reduced = [t for t in tensors if t in made]
+    wanted = set(reduced)
+    nodes = []
+    for node in model.graph.node:
+        nodes.append(node)
+        nodes += [n for t in node.output if t in wanted for n in _reductions(t)]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     for t in reduced:
-        model.graph.node.extend([
-            helper.make_node("ReduceMin", [t], [f"{t}__min"], keepdims=0, name=f"{t}__ReduceMin"),
-            helper.make_node("ReduceMax", [t], [f"{t}__max"], keepdims=0, name=f"{t}__ReduceMax"),
-            helper.make_node("Abs", [t], [f"{t}__abs"], name=f"{t}__Abs"),
-            helper.make_node("Cast", [f"{t}__abs"], [f"{t}__abs64"], to=TensorProto.DOUBLE, name=f"{t}__Cast"),
-            helper.make_node("ReduceSum", [f"{t}__abs64"], [f"{t}__abs_sum"], keepdims=0, name=f"{t}__ReduceSum"),
-            helper.make_node("Size", [t], [f"{t}__count"], name=f"{t}__Size")])
         model.graph.output.extend([helper.make_tensor_value_info(f"{t}__min", TensorProto.FLOAT, []),
                                    helper.make_tensor_value_info(f"{t}__max", TensorProto.FLOAT, []),
                                    helper.make_tensor_value_info(f"{t}__abs_sum", TensorProto.DOUBLE, []),
                                    helper.make_tensor_value_info(f"{t}__count", TensorProto.INT64, [])])
+    return [f"{t}__{kind}" for t in reduced for kind in ("min", "max", "abs_sum", "count")]
+
+
+def calibration_options() -> Any:
+    """onnxruntime session options for a `with_reductions` graph: priority-based order (Kahn's sort,
+    ties by node index) runs each tensor's reductions as soon as it is made; the default order
+    (depth-first from the outputs) left them at the end of the graph."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    return options
+
+
+def calibrate_ranges(src: Path, tensors: list[str], names_in: list[str], names_out: list[str],
+                     drive: Callable[[Step], None], scratch: Path) -> dict[str, Observer]:
+    """Statistics of `tensors` over the calibration runs `drive` makes with the step function
+    it is given (graph `src`). The graph reduces each tensor itself (`with_reductions`) and
+    returns only those scalars: at context 4096 a step's activations, every attention score among
+    them, are gigabytes; graph inputs are reduced here."""
+    import onnxruntime as ort
+    import torch
+
+    model = onnx.load(str(src), load_external_data=False)
+    stats = with_reductions(model, [t for t in tensors if t not in names_in])
     # beside its weight data: onnxruntime refuses data outside the model's directory, symlinks too
     shutil.rmtree(scratch, ignore_errors=True)
     link_tree(src.parent, scratch, methods=("reflink", "hardlink", "copy"))
     augmented = scratch / "calibration.onnx"
     onnx.save_model(model, str(augmented))
-    session = ort_session(augmented)
+    session = ort.InferenceSession(str(augmented), calibration_options(), providers=["CPUExecutionProvider"])
     observers = {t: Observer() for t in tensors}
 
     def step(inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
@@ -153,6 +175,16 @@ def calibrate_ranges(src: Path, tensors: list[str], names_in: list[str], names_o
     drive(step)
     shutil.rmtree(scratch)
     return observers
+
+
+def _reductions(t: str) -> list[onnx.NodeProto]:
+    """min, max, sum |x| (in float64) and element count of tensor `t`, as scalar outputs."""
+    return [helper.make_node("ReduceMin", [t], [f"{t}__min"], keepdims=0, name=f"{t}__ReduceMin"),
+            helper.make_node("ReduceMax", [t], [f"{t}__max"], keepdims=0, name=f"{t}__ReduceMax"),
+            helper.make_node("Abs", [t], [f"{t}__abs"], name=f"{t}__Abs"),
+            helper.make_node("Cast", [f"{t}__abs"], [f"{t}__abs64"], to=TensorProto.DOUBLE, name=f"{t}__Cast"),
+            helper.make_node("ReduceSum", [f"{t}__abs64"], [f"{t}__abs_sum"], keepdims=0, name=f"{t}__ReduceSum"),
+            helper.make_node("Size", [t], [f"{t}__count"], name=f"{t}__Size")]
 
 
 def _int_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> TensorProto:
