@@ -33,6 +33,11 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated
 
 
+def _stopped(e: KeyboardInterrupt) -> SystemExit:
+    """The exit of a build stopped by Ctrl-C (130) or SIGTERM (143)."""
+    return SystemExit(143 if isinstance(e, Terminated) else 130)
+
+
 def settings_or_exit() -> Settings:
     """Settings from the environment and pyproject; a bad value ends the process with the message, exit 2.
     From here on SIGTERM stops the build as Ctrl-C does."""
@@ -53,7 +58,7 @@ def load_or_exit(name: str, settings: Settings) -> tuple[Recipe, list[StageSpec]
         print(f"kiln: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt as e:
-        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+        raise _stopped(e) from None
     for note in recipe.notes:
         say(note)
     return recipe, specs
@@ -69,7 +74,7 @@ def _action(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> Any:
             how = "terminated" if isinstance(e, Terminated) else "interrupted"
             print(f"\nkiln: {how} {spec.task_name}: nothing of it was published, its lock is released; "
                   f"run the same command again to resume", file=sys.stderr, flush=True)
-            raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
+            raise _stopped(e) from None
         if spec.stage == "bundle":
             tar = spec.workspace / f"{spec.recipe}.tar.gz"
             say(f"bundle ready: {settings.shown(spec.workspace / 'to_device')} (tarball {settings.shown(tar)})")

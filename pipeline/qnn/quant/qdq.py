@@ -106,6 +106,11 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+# what `with_reductions` gives each tensor, as scalar graph outputs `<tensor>__<kind>`
+REDUCED = (("min", TensorProto.FLOAT), ("max", TensorProto.FLOAT), ("abs_sum", TensorProto.DOUBLE),
+           ("count", TensorProto.INT64))
+
+
 def with_reductions(model: onnx.ModelProto, tensors: list[str]) -> list[str]:
     """Give `model` scalar outputs `<t>__min`, `__max`, `__abs_sum` (float64) and `__count` for
     every tensor `t` of `tensors` that a node makes; return their names. Each tensor's reductions
@@ -121,12 +126,9 @@ def with_reductions(model: onnx.ModelProto, tensors: list[str]) -> list[str]:
         nodes += [n for t in node.output if t in wanted for n in _reductions(t)]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    for t in reduced:
-        model.graph.output.extend([helper.make_tensor_value_info(f"{t}__min", TensorProto.FLOAT, []),
-                                   helper.make_tensor_value_info(f"{t}__max", TensorProto.FLOAT, []),
-                                   helper.make_tensor_value_info(f"{t}__abs_sum", TensorProto.DOUBLE, []),
-                                   helper.make_tensor_value_info(f"{t}__count", TensorProto.INT64, [])])
-    return [f"{t}__{kind}" for t in reduced for kind in ("min", "max", "abs_sum", "count")]
+    stats = [(f"{t}__{kind}", dtype) for t in reduced for kind, dtype in REDUCED]
+    model.graph.output.extend(helper.make_tensor_value_info(name, dtype, []) for name, dtype in stats)
+    return [name for name, _ in stats]
 
 
 def calibration_options() -> Any:
