@@ -157,6 +157,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: item.path.name not in LONG_FIRST)  # stable: otherwise collection order
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """On an xdist worker under `--dist loadgroup`, xdist tags a grouped test by appending
+    `@group` to its node id; the scheduler reads only that. pytest 9.2 ignores the rewrite
+    (pytest-dev/pytest-xdist#1386) and the groups then spread silently over the workers, so a
+    module fixture's build runs once per worker and its later tests see another worker's empty
+    store. Fail collection instead of running a suite whose grouping is gone."""
+    if not (hasattr(session.config, "workerinput") and session.config.getvalue("loadgroup")):
+        return
+    lost = [item.nodeid for item in session.items
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        message = (f"--dist loadgroup lost the xdist_group of {len(lost)} tests (e.g. {lost[0]}): this "
+                   "pytest/pytest-xdist pair does not group (pyproject's test extra pins one that does)")
+        sys.__stderr__.write(f"\nERROR: {message}\n")  # xdist shows a worker's UsageError only as a traceback
+        raise pytest.UsageError(message)
+
+
 @pytest.fixture(scope="session")
 def htp_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("htp_store")
