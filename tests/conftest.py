@@ -147,6 +147,7 @@ def tiny_project(project: Project, tiny_model_dir: Path) -> Project:
 LONG_FIRST = ("test_llamacpp_e2e.py",)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`-n`, `--dist loadgroup`: pyproject's addopts) the tests sharing the
     Qualcomm-path store (`tiny_htp_project`) run on one worker: its session-wide entries are then

@@ -19,6 +19,7 @@ the budget runs alone among the stages that declare their peak.
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import os
 import resource
@@ -120,9 +121,12 @@ def own_peak_rss() -> int:
 
 
 def return_free_memory() -> None:
-    """Hand the allocator's free pages back to the system (glibc's malloc_trim): after a phase that
+    """Free what only reference cycles still hold (a torch module with hooks that close over their
+    owner is one: without a collection it outlives its last name until the collector runs), then
+    hand the allocator's free pages back to the system (glibc's malloc_trim): after a phase that
     peaked, the heap keeps what it freed (tensors under glibc's mmap threshold, which grows to 32 MB
-    once large blocks are freed), and the next phase's peak lands on top of it. No-op off glibc."""
+    once large blocks are freed), and the next phase's peak lands on top of it."""
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -174,9 +175,8 @@ class QnnQuantize(GraphStage):
 
         cal = Calibration(hf, prompts, weight_prompts, ar, context, names_in, names_out)
         engine = _aimet_engine if scheme["engine"] == "aimet" else _kiln_engine
-        params, acts, sim_step, rows, timings = engine(ctx, cal, float_onnx, structure, algorithm)
-        ppl_sim = timed(f"{scheme['engine']} sim PPL", ppl, sim_step)
-        del sim_step  # the sim's weight copies; the QDQ graphs below are built from `params`
+        params, acts, ppl_sim, rows, timings = engine(ctx, cal, float_onnx, structure, algorithm,
+                                                      lambda step: timed(f"{scheme['engine']} sim PPL", ppl, step))
         release_weights(hf)  # from here on only its config and RoPE tables are read
         act_bits = scheme["activations"]
         encodings.check_device_rules(acts, {n: q.encoding for n, q in params.items()}, scheme["kv_cache"],
@@ -243,13 +243,17 @@ class Calibration:
                 for b in progress(self.prompts, "activation ranges", "prompt")]
 
 
-# (QuantParams by initializer, activation encodings by tensor, sim step, report rows, timings)
-EngineResult = tuple[dict[str, "QuantParam"], dict[str, "Encoding"], "Step", list[dict[str, Any]], dict[str, Any]]
+# (QuantParams by initializer, activation encodings by tensor, the sim's PPL, report rows, timings)
+EngineResult = tuple[dict[str, "QuantParam"], dict[str, "Encoding"], float, list[dict[str, Any]], dict[str, Any]]
+# An engine scores its sim with this (the stage's perplexity) before it lets the sim go.
+Score = Callable[["Step"], float]
 
 
-def _kiln_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structure: Any, algorithm: str) -> EngineResult:
-    """Kiln's PTQ: weights by the algorithm in torch (sequentially for SeqMSE/GPTQ), activation
-    ranges on the weight-quantized graph in onnxruntime, KV encodings from the torch sim."""
+def _kiln_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structure: Any, algorithm: str,
+                 score: Score) -> EngineResult:
+    """Kiln's PTQ: weights by the algorithm in torch (sequentially for SeqMSE/GPTQ), KV encodings
+    from the torch sim, which is scored and freed before the activation ranges are taken on the
+    weight-quantized graph in onnxruntime (at 1B each of the two holds the weights once)."""
     from pipeline.qnn.adapted_llama import release_weights
     from pipeline.qnn.quant import qdq
     from pipeline.qnn.quant.flow import calibrated_sim, float16_ratio, pick_device, quantize_model
@@ -270,8 +274,9 @@ def _kiln_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structur
         ctx.log.info(f"{len(wide)} weights per-channel: blocks of {block} do not divide their input width "
                      f"(e.g. {wide[0]})")
     sim = calibrated_sim(cal.hf, params, scheme, cal.prompts, cal.ar, cal.context)
-    # the sim holds the weights the graphs will carry (or views of the HF model's where they are
-    # the same): the HF model's own copies go before onnxruntime loads the weights once more
+    kv, sim_float16 = sim.kv_encodings(), sim.float16_share()
+    ppl_sim = score(sim.step())
+    del sim  # with the HF model's float weights: onnxruntime below holds the weights once more
     release_weights(cal.hf)
     return_free_memory()
     act_bits, ratio = scheme["activations"], float16_ratio(scheme)
@@ -286,15 +291,16 @@ def _kiln_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structur
                                      ctx.tmp / "calibration")
         acts = {t: o.encoding(t, act_bits, ratio) for t, o in stats.items()}
         ctx.log.info(f"activation ranges: {len(acts)} tensors (peak RSS so far {human_bytes(own_peak_rss())})")
-    acts.update(sim.kv_encodings())  # past_*_in/_out: the sim's shared KV encodings
+    acts.update(kv)  # past_*_in/_out: the sim's shared KV encodings
     float16 = sum(e.is_float for e in acts.values())
     if float16:
         ctx.log.info(f"float16 (max |x| > {ratio:g} × mean |x|): {float16} of {len(acts)} activation "
-                     f"tensors in the graph, {100 * sim.float16_share():.1f}% of the sim's")
-    return params, acts, sim.step(), rows, {"weight_seconds": round(weight_seconds, 2)}
+                     f"tensors in the graph, {100 * sim_float16:.1f}% of the sim's")
+    return params, acts, ppl_sim, rows, {"weight_seconds": round(weight_seconds, 2)}
 
 
-def _aimet_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structure: Any, algorithm: str) -> EngineResult:
+def _aimet_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structure: Any, algorithm: str,
+                  score: Score) -> EngineResult:
     """aimet-onnx computes the encodings on the float graph; Kiln turns them into QuantParams."""
     import copy
 
@@ -330,7 +336,7 @@ def _aimet_engine(ctx: StageContext, cal: Calibration, float_onnx: Path, structu
              "sqnr_db": round(sqnr_db(torch.from_numpy(onnx.numpy_helper.to_array(floats[n]).astype(np.float32)),
                                       torch.from_numpy(qdq.dequantize(q))), 3)}
             for n, q in sorted(params.items())]
-    return params, acts, sim_step, rows, {"weight_seconds": round(seconds, 2)}
+    return params, acts, score(sim_step), rows, {"weight_seconds": round(seconds, 2)}
 
 
 def report_md(r: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from pipeline.qnn.adapted_llama import AdaptedLlama, RMSNorm, Step
+from pipeline.qnn.quant.coded import CodedEmbedding, CodedWeight
 from pipeline.qnn.quant.encodings import Encoding
 from pipeline.qnn.quant.observer import Observer
 
@@ -88,14 +89,19 @@ class QuantSim:
                     self.kv[f"{kind}_{i}"] = Quantizer(kv_bits, float16_ratio)
                     setattr(block.attn, attr, KvOut(self.kv[f"{kind}_{i}"]))
                     opaque.append(getattr(block.attn, attr))
+        # weights held as codes: their dequantization is not an op of the graph (a DequantizeLinear
+        # of an initializer, no activation encoding)
+        opaque += [m for m in model.modules() if isinstance(m, CodedWeight)]
         if act_bits < 32:
-            norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
-            for norm in norms:
-                norm.register_forward_hook(lambda m, args, out: self._after_opaque(out, quantize=True), always_call=True)
-            opaque += norms
+            # one op on HTP, one encoding for its output: RMSNorm, and an embedding lookup of coded rows
+            fused = [m for m in model.modules() if isinstance(m, (RMSNorm, CodedEmbedding))]
+            for module in fused:
+                module.register_forward_hook(lambda m, args, out: self._after_opaque(out, quantize=True),
+                                             always_call=True)
+            opaque += fused
         for module in opaque:
             module.register_forward_pre_hook(lambda m, args: self._enter())
-            if not isinstance(module, RMSNorm):
+            if not isinstance(module, (RMSNorm, CodedEmbedding)):
                 module.register_forward_hook(lambda m, args, out: self._after_opaque(out, quantize=False))
 
     def _enter(self) -> None:
