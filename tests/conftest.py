@@ -19,6 +19,8 @@ from pipeline import ROOT
 from pipeline.engine.settings import Settings
 from tests.tiny_models import save_tiny_llama
 
+pytest_plugins = ("tests.s3_server",)  # the S3 endpoint fixtures of the remote-tier tests
+
 
 @dataclass
 class Project:

@@ -34,8 +34,10 @@ from pipeline.engine.cost import (
 from pipeline.engine.errors import KilnError, StageFailed
 from pipeline.engine.lock import HOST, FileLock
 from pipeline.engine.materialize import materialize
+from pipeline.engine.objstore import RemoteUnavailable
 from pipeline.engine.plan import StageSpec, resolve, resolved
 from pipeline.engine.progress import INTERVAL_ENV, LOG_INTERVAL, TERMINAL_INTERVAL
+from pipeline.engine.remote import RemoteCorrupt, RemoteTier
 from pipeline.engine.run_stage import RUNNER_PID_ENV
 from pipeline.engine.settings import Settings
 from pipeline.engine.store import Store, changed_files, remove_tree, stat_signature
@@ -131,10 +133,13 @@ def _build(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> str:
             digest = store.output_of(spec.key)
             if digest is not None:
                 outcome = "reused"
+            elif (digest := _pull(spec, store, settings)) is not None:
+                outcome = "pulled"
             else:
                 with _resource_slot(spec, settings):
                     digest = run_and_publish(spec, store, settings)
                 outcome = "built"
+                _push(spec, store, settings)
         finally:
             lock.release()
     store.touch(spec.key, digest)
@@ -154,6 +159,51 @@ def _build(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> str:
         say(f"{spec.task_name}: same output as before (digest {digest[:16]}…) → {n} downstream "
             f"stage{'s' * (n != 1)} kept")
     return outcome
+
+
+def _pull(spec: StageSpec, store: Store, settings: Settings) -> str | None:
+    """The remote tier's entry of the stage's key, published locally; None on a miss (or a remote
+    that is optional and unreachable, or an entry found corrupt: the stage then builds)."""
+    tier = settings.remote_tier()
+    if tier is None or tier.down:
+        return None
+    try:
+        pulled = tier.pull(store, spec.key)
+    except RemoteCorrupt as e:
+        say(f"{spec.task_name}: {e}; building it (the push that follows replaces nothing: "
+            f"`verify --remote` removes the bad entry)")
+        return None
+    except RemoteUnavailable as e:
+        _remote_down(tier, e, settings)
+        return None
+    if pulled is None:
+        return None
+    digest, moved = pulled
+    say(f"{spec.task_name}: remote hit ← {tier.url} ({moved.describe()})")
+    return digest
+
+
+def _push(spec: StageSpec, store: Store, settings: Settings) -> None:
+    tier = settings.remote_tier()
+    if tier is None or tier.down:
+        return
+    try:
+        moved = tier.push(store, spec.key)
+    except RemoteUnavailable as e:
+        _remote_down(tier, e, settings)
+        return
+    say(f"{spec.task_name}: pushed to {tier.url} ({moved.describe()})")
+    for note in moved.notes:
+        say(f"{spec.task_name}: {note}")
+
+
+def _remote_down(tier: RemoteTier, error: RemoteUnavailable, settings: Settings) -> None:
+    """A required remote fails the build; an optional one is dropped for the rest of this run."""
+    if settings.remote_required:
+        raise StageFailed(f"{error} (KILN_REMOTE_REQUIRED=1)")
+    tier.down = str(error)
+    say(f"warning: {error}; building locally without it for the rest of this run "
+        "(KILN_REMOTE_REQUIRED=1 makes this an error)")
 
 
 def _materialize(spec: StageSpec, store: Store, digest: str, force: bool = False, last: dict | None = None) -> None:

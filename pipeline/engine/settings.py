@@ -5,6 +5,12 @@ KILN_ARTIFACTS workspace root               (default: <repo>/artifacts)
 KILN_STORE     content-addressed store      (default: [tool.kiln].store; never a recipe's choice)
 KILN_MEMORY_GB memory the stages that declare their peak may reserve together
                (default: [tool.kiln].memory_gb, else 90% of physical memory)
+KILN_REMOTE    the store's remote tier, s3://bucket[/prefix] (default: [tool.kiln.store].remote;
+               "" turns it off); never a recipe's choice. Its endpoint: KILN_REMOTE_ENDPOINT, else
+               AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else [tool.kiln.store].endpoint, else AWS.
+               Credentials: the AWS environment/profile chain only.
+KILN_REMOTE_REQUIRED  1: a remote that cannot be reached fails the build; 0 (default): a warning,
+               and stages build locally ([tool.kiln.store].required)
 """
 from __future__ import annotations
 
@@ -13,10 +19,13 @@ import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import ROOT
 from pipeline.engine.errors import KilnError
+
+if TYPE_CHECKING:
+    from pipeline.engine.remote import RemoteTier
 
 
 @cache
@@ -33,6 +42,9 @@ class Settings:
     default_recipe: str
     heavy_slots: int
     memory_gb: float | None = None
+    remote: str | None = None           # s3://bucket[/prefix]
+    remote_endpoint: str | None = None
+    remote_required: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -44,12 +56,17 @@ class Settings:
             default_recipe=os.environ.get("KILN_DEFAULT_RECIPE", conf.get("default_recipe", "")),
             heavy_slots=_heavy_slots(os.environ.get("KILN_HEAVY_SLOTS") or conf.get("heavy_slots", 1)),
             memory_gb=_memory_gb(os.environ.get("KILN_MEMORY_GB") or conf.get("memory_gb")),
+            **_remote(_store_table(conf)),
         )
+
+    def remote_tier(self) -> RemoteTier | None:
+        """The remote tier, when one is configured (one client per process)."""
+        return _tier(self.remote, self.remote_endpoint) if self.remote else None
 
     def store_dir(self) -> Path:
         """KILN_STORE beats pyproject's [tool.kiln].store. A recipe cannot choose where Kiln writes
         or which entries it trusts."""
-        chosen = os.environ.get("KILN_STORE") or pyproject_kiln().get("store")
+        chosen = os.environ.get("KILN_STORE") or _store_table(pyproject_kiln()).get("local")
         path = Path(chosen) if chosen else self.artifacts / ".store"
         return (path if path.is_absolute() else self.root / path).resolve()
 
@@ -82,3 +99,37 @@ def _memory_gb(value: Any) -> float | None:
         raise KilnError(f"KILN_MEMORY_GB / [tool.kiln].memory_gb: {str(value)[:40]!r} is not a size in GB "
                         f"(0.5 to 1048576)")
     return gb
+
+
+def _store_table(conf: dict[str, Any]) -> dict[str, Any]:
+    """[tool.kiln].store: a path (the local store), or a table {local, remote, endpoint, required}."""
+    value = conf.get("store")
+    table = value if isinstance(value, dict) else {"local": value}
+    unknown = set(table) - {"local", "remote", "endpoint", "required"}
+    if unknown:
+        raise KilnError(f"pyproject.toml [tool.kiln.store]: unknown key {sorted(unknown)[0]!r} "
+                        "(keys: local, remote, endpoint, required)")
+    return table
+
+
+def _remote(table: dict[str, Any]) -> dict[str, Any]:
+    from pipeline.engine.objstore import parse_url
+
+    url = os.environ.get("KILN_REMOTE", table.get("remote") or "") or None
+    if url is not None:
+        parse_url(url)  # refuse a malformed URL before anything runs
+    endpoint = (os.environ.get("KILN_REMOTE_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL") or table.get("endpoint") or None)
+    required = os.environ.get("KILN_REMOTE_REQUIRED", table.get("required", False))
+    flags = {"1": True, "true": True, "0": False, "false": False, "": False}
+    if str(required).lower() not in flags:
+        raise KilnError(f"KILN_REMOTE_REQUIRED / [tool.kiln.store].required: {str(required)[:40]!r} is not 0/1/true/false")
+    return {"remote": url, "remote_endpoint": endpoint, "remote_required": flags[str(required).lower()]}
+
+
+@cache
+def _tier(url: str, endpoint: str | None) -> RemoteTier:
+    from pipeline.engine.objstore import Bucket
+    from pipeline.engine.remote import RemoteTier
+
+    return RemoteTier(Bucket(url, endpoint))

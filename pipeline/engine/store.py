@@ -190,9 +190,11 @@ class Store:
             (scratch / sub).mkdir(parents=True)
         return scratch
 
-    def publish(self, scratch: Path, key: str, record: dict[str, Any]) -> tuple[str, bool]:
+    def publish(self, scratch: Path, key: str, record: dict[str, Any], expected: str | None = None) -> tuple[str, bool]:
         """Publish a finished scratch: its `out/` as an output (unless that digest is here already),
         then the action record naming it. Returns (output digest, whether this copy was the one kept).
+        `expected`: the digest the output must have (an entry pulled from the remote tier; when that
+        output is here already, `out/` is left empty).
 
         The stage's `tmp/` is dropped; anything else beside `out/`, `info/` and the log is refused:
         it would be published outside the manifest, unseen by `verify` and the workspace.
@@ -207,8 +209,14 @@ class Store:
         if clash:
             raise KilnError(f"{key[:16]}…: {', '.join(clash)} written to both ctx.out and ctx.info; the workspace "
                             f"shows both side by side (nothing was published)")
-        files = file_manifest(scratch / "out")
-        digest = output_digest(files)
+        if expected is not None and self.has_output(expected):
+            files, digest = {}, expected
+        else:
+            files = file_manifest(scratch / "out")
+            digest = output_digest(files)
+            if expected is not None and digest != expected:
+                raise KilnError(f"{key[:16]}…: the output came out as {digest[:16]}…, not the {expected[:16]}… "
+                                f"expected (nothing was published)")
         kept = False
         if not self.has_output(digest):
             staging = scratch / "output"
