@@ -70,8 +70,10 @@ def inode_sizes(store: Store, digests: list[str]) -> tuple[dict[str, set[tuple[i
 
 
 def gc(settings: Settings, store_root: Path, max_age_days: float, budget_gb: float | None,
-       dry_run: bool = False, recipes: str = "") -> list[str]:
+       dry_run: bool = False, recipes: str = "", remote: bool = False) -> list[str]:
     """Remove what is not needed; return the output digests removed."""
+    if remote:
+        return _gc_remote(settings, store_root, max_age_days, budget_gb, dry_run, recipes)
     store = Store(store_root)
     keep_keys, keep_outputs = needed(settings, store_root, live_recipes(settings, recipes))
     now = time.time()
@@ -140,12 +142,27 @@ def gc(settings: Settings, store_root: Path, max_age_days: float, budget_gb: flo
     return removed
 
 
+def _gc_remote(settings: Settings, store_root: Path, max_age_days: float, budget_gb: float | None, dry_run: bool,
+               recipes: str) -> list[str]:
+    """The remote tier keeps the records the live recipes plan now (as far as this checkout's store
+    resolves their keys) and those pushed within --max-age-days; what no kept record names goes."""
+    tier = settings.remote_tier()
+    if tier is None:
+        raise KilnError("gc --remote: no remote tier is configured (KILN_REMOTE or [tool.kiln.store].remote)")
+    if budget_gb is not None:
+        raise KilnError("gc --remote: --budget-gb applies to the local store only (a bucket is billed, not full)")
+    keep, _ = needed(settings, store_root, live_recipes(settings, recipes))
+    tier.gc(keep, max_age_days * 86400, GRACE_S, dry_run, print)
+    return []
+
+
 # The options of both `python -m pipeline gc` and `doit gc`: (name, flag, type, default, help).
 OPTIONS: tuple[tuple[str, str, type, object, str], ...] = (
     ("max_age_days", "--max-age-days", float, 30.0, "drop unneeded entries unused this many days"),
     ("budget_gb", "--budget-gb", float, None, "then drop least recently used unneeded entries until the store fits"),
     ("dry_run", "--dry-run", bool, False, "say what would go, remove nothing"),
     ("recipes", "--recipes", str, "", "comma-separated recipes whose entries stay (default: every recipe in recipes/)"),
+    ("remote", "--remote", bool, False, "collect the remote tier (records, then what no record names), not the local store"),
 )
 
 
@@ -160,5 +177,5 @@ def add_parser(sub) -> None:
 
 
 def _main(args, settings: Settings) -> int:
-    gc(settings, settings.store_dir(), args.max_age_days, args.budget_gb, args.dry_run, args.recipes)
+    gc(settings, settings.store_dir(), args.max_age_days, args.budget_gb, args.dry_run, args.recipes, args.remote)
     return 0

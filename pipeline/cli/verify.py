@@ -1,8 +1,11 @@
-"""verify: re-hash every stored output against its manifest; quarantine mismatches."""
+"""verify: re-hash every stored output against its manifest; quarantine mismatches. With
+--remote: re-read every blob of the remote tier; delete the records of entries found bad."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.engine.errors import KilnError
+from pipeline.engine.settings import Settings
 from pipeline.engine.store import Store, file_manifest
 
 
@@ -23,6 +26,15 @@ def verify(store_root: Path, only: set[str] | None = None) -> tuple[int, list[st
     return len(digests), bad
 
 
+def verify_remote(settings: Settings) -> list[str]:
+    """The action keys whose remote entries were bad (and are deleted now)."""
+    tier = settings.remote_tier()
+    if tier is None:
+        raise KilnError("verify --remote: no remote tier is configured (KILN_REMOTE or [tool.kiln.store].remote)")
+    return tier.verify(print)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("verify", help=__doc__)
-    p.set_defaults(func=lambda a, s: 1 if verify(s.store_dir())[1] else 0)
+    p.add_argument("--remote", action="store_true", help="re-read the remote tier's blobs, not the local store")
+    p.set_defaults(func=lambda a, s: 1 if (verify_remote(s) if a.remote else verify(s.store_dir())[1]) else 0)

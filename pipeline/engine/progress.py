@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 INTERVAL_ENV = "KILN_PROGRESS_INTERVAL"
@@ -27,7 +27,12 @@ def interval() -> float:
 
 def progress(items: Iterable[T], desc: str, unit: str, total: int | None = None) -> Iterator[T]:
     """`items`, reporting `desc: n/N unit [elapsed<left, rate]` as they are consumed."""
+    yield from bar(desc, unit, total, items)
+
+
+def bar(desc: str, unit: str, total: int | None, items: Iterable[T] | None = None, scale: bool = False) -> Any:
+    """The tqdm bar `progress` uses, for work counted by `.update(n)` (bytes: `scale=True`)."""
     from tqdm import tqdm
 
-    yield from tqdm(items, desc=desc, unit=unit, total=total, file=sys.stdout, mininterval=interval(),
-                    maxinterval=interval(), ascii=True, ncols=100, dynamic_ncols=False, leave=True)
+    return tqdm(items, desc=desc, unit=unit, total=total, file=sys.stdout, mininterval=interval(),
+                maxinterval=interval(), ascii=True, ncols=100, dynamic_ncols=False, leave=True, unit_scale=scale)

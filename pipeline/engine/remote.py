@@ -25,6 +25,7 @@ import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -196,28 +197,93 @@ class RemoteTier:
         return doc
 
     # --- whole-bucket passes (verify --remote, gc --remote) ---
-    def records(self) -> dict[str, dict[str, Any]]:
-        """Every readable action record, by key."""
-        out = {}
-        for item in self.bucket.listing("actions/"):
-            key = Path(item.key).stem
-            if HEX64.fullmatch(key) and (doc := self._document(item.key)) is not None:
-                out[key] = doc
-        return out
+    def verify(self, say: Callable[[str], None]) -> list[str]:
+        """Re-read and hash every blob a record names (each once); a record whose manifest or any
+        blob is missing or wrong is deleted (record first, so no reader meets it half gone), with
+        the bad blobs. Returns the keys dropped."""
+        records, _ = self._records()
+        blobs: dict[str, dict[str, Any]] = {}
+        uses: dict[str, set[str]] = {}  # blob -> keys whose entry needs it
+        dropped: set[str] = set()
+        for key, (doc, _) in sorted(records.items()):
+            try:
+                digest = _check_record(doc, key, self.url)
+                manifest = self._document(manifest_key(digest))
+                if manifest is None:
+                    raise RemoteCorrupt(f"{self.url}: record {key[:16]}… names output {digest[:16]}…, whose manifest is missing")
+                files = [*_check_manifest(manifest, digest, self.url).values(),
+                         *_check_files(doc.get("run_files", {}), f"record {key[:16]}…", self.url).values()]
+            except RemoteCorrupt as e:
+                say(f"verify --remote: {e}")
+                dropped.add(key)
+                continue
+            for f in files:
+                blobs[f["blake3"]] = f
+                uses.setdefault(f["blake3"], set()).add(key)
+        total = sum(f["size"] for f in blobs.values())
+        from pipeline.engine.progress import bar
 
-    def manifests(self) -> dict[str, dict[str, dict[str, Any]]]:
+        with bar("verify --remote", "B", total, scale=True) as read:
+            for blake, f in sorted(blobs.items()):
+                if not self.blob_intact(f, read.update):
+                    say(f"verify --remote: blob {blake[7:23]}… is missing or does not hold its bytes "
+                        f"(needed by {len(uses[blake])} record(s)); deleting it")
+                    self.bucket.delete(blob_key(blake))
+                    dropped |= uses[blake]
+        for key in sorted(dropped):
+            self.bucket.delete(record_key(key))
+        say(f"verify --remote: {len(records)} records, {len(blobs)} blobs ({total / 1e6:.1f} MB) re-read from "
+            f"{self.url}; {len(dropped)} record(s) deleted")
+        return sorted(dropped)
+
+    def gc(self, keep: set[str], max_age_s: float, grace_s: float, dry_run: bool, say: Callable[[str], None]) -> int:
+        """Delete records neither in `keep` nor pushed within `max_age_s`; then manifests and blobs
+        no remaining record names, unless younger than `grace_s` (a push in flight writes its blobs
+        and manifest before its record). Returns the objects deleted (or that would be)."""
+        now = datetime.now(UTC)
+        records, listed = self._records()
+        kept = {k: doc for k, (doc, when) in records.items() if k in keep or (now - when).total_seconds() < max_age_s}
+        doomed = [record_key(k) for k in sorted(set(records) - set(kept))]
+        outputs, blobs = set(), set()
+        for doc in kept.values():
+            outputs.add(str(doc.get("output")))
+            blobs.update(f.get("blake3") for f in doc.get("run_files", {}).values() if isinstance(f, dict))
+        for digest in outputs:
+            manifest = self._document(manifest_key(digest)) if HEX64.fullmatch(digest) else None
+            blobs.update(f.get("blake3") for f in (manifest or {}).get("files", {}).values() if isinstance(f, dict))
+        for item in listed:
+            young = (now - item.modified).total_seconds() < grace_s
+            name = Path(item.key).name
+            if item.key.startswith("outputs/") and name.removesuffix(".json") not in outputs and not young:
+                doomed.append(item.key)
+            elif item.key.startswith("blobs/") and f"blake3:{name}" not in blobs and not young:
+                doomed.append(item.key)
+        verb = "would delete" if dry_run else "deleted"
+        for name in doomed:  # records first: nothing a kept record names is ever deleted
+            if not dry_run:
+                self.bucket.delete(name)
+        gone = sum(1 for d in doomed if d.startswith("actions/"))
+        say(f"gc --remote: {verb} {gone} record(s), {len(doomed) - gone} unreferenced manifest(s)/blob(s) in "
+            f"{self.url}; kept {len(kept)} record(s)")
+        return len(doomed)
+
+    def _records(self) -> tuple[dict[str, tuple[dict[str, Any], datetime]], list[Any]]:
+        """({key: (record, pushed at)} of every readable record, the whole listing)."""
+        listed = list(self.bucket.listing())
         out = {}
-        for item in self.bucket.listing("outputs/"):
-            digest = Path(item.key).stem
-            if HEX64.fullmatch(digest) and (doc := self._document(item.key)) is not None:
+        for item in listed:
+            key = Path(item.key).name.removesuffix(".json")
+            if item.key.startswith("actions/") and HEX64.fullmatch(key):
                 try:
-                    out[digest] = _check_manifest(doc, digest, self.url)
+                    doc = self._document(item.key)
                 except RemoteCorrupt:
-                    out[digest] = {}
-        return out
+                    doc = {}
+                if doc is not None:
+                    out[key] = (doc, item.modified)
+        return out, listed
 
-    def blob_intact(self, f: dict[str, Any], on_progress: Callable[[int], None] | None = None) -> bool:
-        """Re-read a blob and hash it (verify --remote)."""
+    def blob_intact(self, f: dict[str, Any], on_progress: Callable[[int], Any] | None = None) -> bool:
+        """Re-read a blob and hash it."""
         h, n = blake3.blake3(), 0
         try:
             for chunk in self.bucket.stream(blob_key(f["blake3"])):

@@ -7,9 +7,9 @@ import re
 import shutil
 
 from conftest import new_project
-from tests.s3_server import CREDENTIALS
 
 from pipeline.engine.store import Store
+from tests.s3_server import CREDENTIALS
 
 STAGES = {"model", "bundle"}
 
@@ -45,6 +45,15 @@ def test_a_second_checkout_with_an_empty_store_pulls_every_stage(tiny_project, t
             if path.is_file():
                 assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"].encode() not in path.read_bytes(), path
     assert CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in first + out
+
+    # the remote's own checks, from either checkout
+    verified = second.doit("verify", "--remote", "recipe=tiny", **env).stdout
+    assert re.search(rf"verify --remote: 2 records, \d+ blobs \(.+ MB\) re-read from {re.escape(bucket_url)}; "
+                     r"0 record\(s\) deleted", verified), verified
+    kept = second.doit("gc", "--remote", "--max-age-days", "0", "--dry-run", "recipe=tiny", **env).stdout
+    assert "gc --remote: would delete 0 record(s), 0 unreferenced manifest(s)/blob(s)" in kept  # tiny plans both
+    refused = second.doit("gc", "--remote", "--budget-gb", "1", "recipe=tiny", check=False, **env)
+    assert refused.returncode != 0 and "--budget-gb applies to the local store only" in refused.stdout + refused.stderr
 
 
 def test_an_unreachable_optional_remote_warns_once_and_the_build_goes_on(tiny_project):

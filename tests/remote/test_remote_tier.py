@@ -242,3 +242,55 @@ def test_a_1gb_file_goes_up_and_down_in_parts_with_flat_memory(tmp_path, s3_serv
     base_kb, peak_kb, up, down, got = proc.stdout.split()
     assert int(up) == int(down) == 1 << 30 and got == digest
     assert int(peak_kb) - int(base_kb) < 200 * 1024, f"peak {int(peak_kb) >> 10} MB over a base of {int(base_kb) >> 10} MB"
+
+
+def bucket_keys(s3_server, url: str) -> set[str]:
+    bucket, prefix = parse_url(url)
+    listed = s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])
+    return {o["Key"].removeprefix(prefix + "/") for o in listed}
+
+
+def test_verify_remote_rereads_every_blob_and_deletes_the_records_of_bad_entries(tmp_path, s3_server, bucket_url):
+    a = Store(tmp_path / "a")
+    good, bad = new_key(), new_key()
+    entry(a, good, {"shared.bin": b"s" * 5000, "g.bin": b"g" * 100})
+    digest = entry(a, bad, {"shared.bin": b"s" * 5000, "b.bin": b"b" * 100})
+    remote = tier(s3_server, bucket_url)
+    remote.push(a, good)
+    remote.push(a, bad)
+    said: list[str] = []
+    assert remote.verify(said.append) == []
+    assert said[-1].endswith("; 0 record(s) deleted")
+
+    bucket, prefix = parse_url(bucket_url)
+    victim = blob_key(a.manifest(digest)["files"]["b.bin"]["blake3"])
+    s3_server.client().put_object(Bucket=bucket, Key=f"{prefix}/{victim}", Body=b"B" * 100)  # same size, other bytes
+    said.clear()
+    assert remote.verify(said.append) == [bad]
+    assert any("does not hold its bytes" in line for line in said), said
+    left = bucket_keys(s3_server, bucket_url)
+    assert record_key(good) in left and record_key(bad) not in left and victim not in left
+    assert remote.pull(Store(tmp_path / "b"), good) is not None and remote.pull(Store(tmp_path / "c"), bad) is None
+
+
+def test_gc_remote_drops_old_unneeded_records_then_what_no_record_names(tmp_path, s3_server, bucket_url):
+    a = Store(tmp_path / "a")
+    needed, old = new_key(), new_key()
+    entry(a, needed, {"shared.bin": b"s" * 5000, "n.bin": b"n"})
+    old_digest = entry(a, old, {"shared.bin": b"s" * 5000, "o.bin": b"o"})
+    remote = tier(s3_server, bucket_url)
+    remote.push(a, needed)
+    remote.push(a, old)
+    before = bucket_keys(s3_server, bucket_url)
+    said: list[str] = []
+
+    assert remote.gc({needed}, max_age_s=0, grace_s=0, dry_run=True, say=said.append) == 3
+    assert bucket_keys(s3_server, bucket_url) == before  # a dry run deletes nothing
+    # within the grace period only the record goes: blobs and manifest may belong to a push in flight
+    assert remote.gc({needed}, max_age_s=0, grace_s=3600, dry_run=False, say=said.append) == 1
+    assert remote.gc({needed}, max_age_s=0, grace_s=0, dry_run=False, say=said.append) == 2
+    # the old entry's own objects went; its log, info and shared.bin blobs are the needed entry's too
+    o_blob = blob_key(a.manifest(old_digest)["files"]["o.bin"]["blake3"])
+    assert before - bucket_keys(s3_server, bucket_url) == {record_key(old), manifest_key(old_digest), o_blob}
+    assert remote.pull(Store(tmp_path / "b"), needed) is not None
+    assert remote.gc(set(), max_age_s=3600, grace_s=0, dry_run=False, say=said.append) == 0  # young records stay
