@@ -47,7 +47,7 @@ else
 import tomllib
 p = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extra = p["optional-dependencies"]
-print("\n".join(p["dependencies"] + extra["test"] + extra["aimet"] + extra["remote"]))
+print("\n".join(p["dependencies"] + extra["test"] + extra["aimet"] + extra["remote"] + extra["ray"]))
 PY
 )
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_REQ" "${deps[@]}"

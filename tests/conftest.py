@@ -44,8 +44,8 @@ class Project:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
-        env.update(KILN_RECIPES=str(self.recipes), KILN_ARTIFACTS=str(self.artifacts),
-                   KILN_STORE=str(self.store), **extra)
+        env.update(KILN_RECIPES=str(self.recipes), KILN_ARTIFACTS=str(self.artifacts), KILN_STORE=str(self.store))
+        env.update(extra)
         env.pop("SOURCE_DATE_EPOCH", None)
         return env
 
@@ -68,12 +68,12 @@ class Project:
             raise AssertionError(f"doit {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def popen_doit(self, *args: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen:
+    def popen_doit(self, *args: str, stdout: Any = subprocess.PIPE, **extra_env: str) -> subprocess.Popen:
         """Start doit in its own process group (so a test can kill the whole group), with Ctrl-C's
         SIGINT handled as in a terminal even when the test run itself ignores it (a shell runs a
         background job, `cmd &`, with SIGINT ignored, and that is inherited)."""
         return subprocess.Popen([sys.executable, "-m", "doit", "-f", str(self.root / "dodo.py"), "--dir", str(self.root), *args],
-                                env=self.env(), stdout=stdout, stderr=subprocess.STDOUT, text=True,
+                                env=self.env(**extra_env), stdout=stdout, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 

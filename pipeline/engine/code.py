@@ -30,7 +30,7 @@ PLUMBING = frozenset({
     "pipeline.cli",               # the verbs
     "pipeline.engine.code", "pipeline.engine.cost", "pipeline.engine.errors", "pipeline.engine.fields", "pipeline.engine.hashing",
     "pipeline.engine.keys", "pipeline.engine.lock", "pipeline.engine.materialize", "pipeline.engine.objstore",
-    "pipeline.engine.plan", "pipeline.engine.remote",
+    "pipeline.engine.plan", "pipeline.engine.ray_executor", "pipeline.engine.remote",
     "pipeline.engine.proc", "pipeline.engine.progress", "pipeline.engine.run_stage", "pipeline.engine.runner",
     "pipeline.engine.sandbox", "pipeline.engine.settings", "pipeline.engine.stage", "pipeline.engine.store",
     "pipeline.engine.tools",

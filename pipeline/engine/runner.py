@@ -136,8 +136,7 @@ def _build(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> str:
             elif (digest := _pull(spec, store, settings)) is not None:
                 outcome = "pulled"
             else:
-                with _resource_slot(spec, settings):
-                    digest = run_and_publish(spec, store, settings)
+                digest = _execute(spec, store, settings)
                 outcome = "built"
                 _push(spec, store, settings)
         finally:
@@ -159,6 +158,25 @@ def _build(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> str:
         say(f"{spec.task_name}: same output as before (digest {digest[:16]}…) → {n} downstream "
             f"stage{'s' * (n != 1)} kept")
     return outcome
+
+
+def _execute(spec: StageSpec, store: Store, settings: Settings) -> str:
+    """Run the stage where the executor says (this machine, or a Ray task: the cluster then does
+    the resource accounting), trying a failed run again `spec.retries` times."""
+    if settings.executor == "ray":
+        from pipeline.engine.ray_executor import run_on_ray
+
+        return run_on_ray(spec, store, settings)
+    for attempt in range(spec.retries + 1):
+        try:
+            with _resource_slot(spec, settings):
+                return run_and_publish(spec, store, settings)
+        except StageFailed as e:
+            if attempt == spec.retries:
+                raise
+            say(f"{spec.task_name}: failed on attempt {attempt + 1} of {spec.retries + 1} "
+                f"({str(e).splitlines()[0][:200]}); trying again")
+    raise AssertionError("unreachable")
 
 
 def _pull(spec: StageSpec, store: Store, settings: Settings) -> str | None:
@@ -264,9 +282,10 @@ def _heavy_slot(spec: StageSpec, settings: Settings) -> Iterator[None]:
         time.sleep(0.5)
 
 
-def run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> str:
+def run_and_publish(spec: StageSpec, store: Store, settings: Settings, extra_record: dict | None = None) -> str:
     """Run the stage in a child process and publish what it wrote into `store`; return its output
-    digest. The caller holds the key's lock; `spec.inputs` names outputs that are in `store`."""
+    digest. The caller holds the key's lock; `spec.inputs` names outputs that are in `store`.
+    `extra_record`: more for the action record (the Ray node that ran it)."""
     scratch = store.new_scratch(spec.key)
     assert spec.inputs is not None
     job = {
@@ -304,7 +323,7 @@ def run_and_publish(spec: StageSpec, store: Store, settings: Settings) -> str:
         "stage": spec.stage, "recipe": spec.recipe, "material": spec.material,
         "sources": spec.source_paths, "host": HOST, "pid": os.getpid(),
         "start": start, "duration_s": round(duration, 3), "exit_status": rc, "log": "log.txt",
-        "cost": cost.as_dict(),
+        "cost": cost.as_dict(), **(extra_record or {}),
     }
     try:
         digest, kept = store.publish(scratch, spec.key, record)

@@ -11,9 +11,14 @@ KILN_REMOTE    the store's remote tier, s3://bucket[/prefix] (default: [tool.kil
                Credentials: the AWS environment/profile chain only.
 KILN_REMOTE_REQUIRED  1: a remote that cannot be reached fails the build; 0 (default): a warning,
                and stages build locally ([tool.kiln.store].required)
+KILN_EXECUTOR  where stages that miss run: local (default) or ray ([tool.kiln].executor); with ray,
+               RAY_ADDRESS names the cluster and the store must be shared storage every node
+               mounts at the same path. KILN_RAY_RESOURCES (JSON) / [tool.kiln.ray].resources:
+               {stage: {resource: amount}} overrides the stages' own node resources.
 """
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from dataclasses import dataclass
@@ -45,6 +50,9 @@ class Settings:
     remote: str | None = None           # s3://bucket[/prefix]
     remote_endpoint: str | None = None
     remote_required: bool = False
+    executor: str = "local"             # local | ray
+    ray_address: str | None = None
+    ray_resources: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()  # stage -> resources
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -57,7 +65,14 @@ class Settings:
             heavy_slots=_heavy_slots(os.environ.get("KILN_HEAVY_SLOTS") or conf.get("heavy_slots", 1)),
             memory_gb=_memory_gb(os.environ.get("KILN_MEMORY_GB") or conf.get("memory_gb")),
             **_remote(_store_table(conf)),
+            **_executor(conf),
         )
+
+    def node_resources(self, stage: str, declared: tuple[tuple[str, float], ...]) -> dict[str, float]:
+        """What a Ray node must offer to run `stage` (a stage name or node id): pyproject's word, else the stage's."""
+        overrides = dict(self.ray_resources)
+        chosen = overrides.get(stage, overrides.get(stage.split("@")[0], declared))
+        return dict(chosen)
 
     def remote_tier(self) -> RemoteTier | None:
         """The remote tier, when one is configured (one client per process)."""
@@ -133,3 +148,29 @@ def _tier(url: str, endpoint: str | None) -> RemoteTier:
     from pipeline.engine.remote import RemoteTier
 
     return RemoteTier(Bucket(url, endpoint))
+
+
+def _executor(conf: dict[str, Any]) -> dict[str, Any]:
+    executor = os.environ.get("KILN_EXECUTOR") or conf.get("executor", "local")
+    if executor not in ("local", "ray"):
+        raise KilnError(f"KILN_EXECUTOR / [tool.kiln].executor: {str(executor)[:40]!r} is not local or ray")
+    ray = conf.get("ray", {})
+    resources = ray.get("resources", {}) if isinstance(ray, dict) else None
+    if os.environ.get("KILN_RAY_RESOURCES"):
+        try:
+            resources = json.loads(os.environ["KILN_RAY_RESOURCES"])
+        except ValueError:
+            resources = None
+    if not isinstance(resources, dict) or not all(
+            isinstance(stage, str) and isinstance(r, dict) and all(isinstance(k, str) and isinstance(v, int | float)
+                                                                   and 0 <= v <= 1e6 for k, v in r.items())
+            for stage, r in resources.items()):
+        raise KilnError("KILN_RAY_RESOURCES / [tool.kiln.ray].resources: expected {stage: {resource: amount}} "
+                        "with amounts from 0 to 1e6")
+    address = os.environ.get("RAY_ADDRESS") or ray.get("address") or None
+    if executor == "ray" and not address:
+        raise KilnError("KILN_EXECUTOR=ray needs the cluster's address: RAY_ADDRESS (e.g. 127.0.0.1:6379, or auto "
+                        "on a node of the cluster) or [tool.kiln.ray].address")
+    return {"executor": executor, "ray_address": address,
+            "ray_resources": tuple(sorted((stage, tuple(sorted((k, float(v)) for k, v in r.items())))
+                                          for stage, r in resources.items()))}

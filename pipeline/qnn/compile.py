@@ -74,6 +74,7 @@ class QnnCompile(GraphStage):
     version = 4  # 2: RMSNorm fused into one op (float16 overflow on HTP otherwise); 3: reproducible graph names;
     # 4: compile timings in ctx.info, not compile.json
     Params = QnnCompileParams
+    retries = 2  # QNN's HTP compile is known to fail now and then on a graph it compiles on a rerun
     tools = ("python", "onnx", "onnxruntime", "onnxruntime-qnn", "numpy")
 
     @classmethod
