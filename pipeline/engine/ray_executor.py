@@ -5,9 +5,12 @@ against the store and the remote tier as always (a hit never leaves it), holds t
 and only a miss becomes a Ray task. The task runs the stage exactly as the local executor does
 (`run_and_publish`: a child process, its output teed to the log and to stdout, which Ray streams
 to the driver's console) on a node that offers the stage's resources: CPUs, its declared peak
-memory, and custom resources (`Stage.node_resources`, e.g. {"calibration": 1}). Inputs are read
-from and the output published to the store, which is shared storage every node mounts at the
-same path; only the output digest and the node id come back through Ray, nothing large.
+memory, and custom resources (`Stage.node_resources`, e.g. {"calibration": 1}). Where inputs
+come from and the output goes (KILN_RAY_STORE): `shared`, the store is shared storage every node
+mounts at the same path; `remote`, each node keeps a store of its own (KILN_NODE_STORE, default
+~/.cache/kiln/store), pulls the inputs it lacks from the remote tier (each checked against its
+manifest), publishes there and pushes, and the driver pulls the entry. Either way only the
+output digest and the node id come back through Ray, nothing large.
 
 A node lost mid-stage: Ray runs the task again elsewhere (its scratch dies with it; the lock is
 the driver's). A stage that fails is tried again `Stage.retries` times. The child process gets the
@@ -20,7 +23,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.engine.errors import StageFailed
+from pipeline.engine.errors import KilnError, StageFailed
 
 if TYPE_CHECKING:
     from pipeline.engine.plan import StageSpec
@@ -32,7 +35,8 @@ NODE_FAILURE_RETRIES = 3  # a task whose node died is run again on another, this
 
 
 def run_on_ray(spec: StageSpec, store: Store, settings: Settings) -> str:
-    """Run the stage as a Ray task; return its output digest (published in the shared store)."""
+    """Run the stage as a Ray task; return its output digest, published in `store` (and, with
+    KILN_RAY_STORE=remote, in the remote tier already)."""
     import ray
 
     _connect(settings)
@@ -45,11 +49,16 @@ def run_on_ray(spec: StageSpec, store: Store, settings: Settings) -> str:
     for attempt in range(spec.retries + 1):
         try:
             result = ray.get(task.remote(spec, str(store.root), settings, threads))
+            if settings.ray_store == "remote":
+                return _fetch(spec, store, settings, result["digest"])
             return result["digest"]
         except ray.exceptions.RayTaskError as e:
-            cause = e.cause if isinstance(getattr(e, "cause", None), StageFailed) else None
-            if cause is None:
-                raise StageFailed(f"{spec.task_name}: the Ray task failed: {str(e).splitlines()[0][:300]}") from None
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, KilnError) and not isinstance(cause, StageFailed):
+                raise StageFailed(f"{spec.task_name} (on Ray): {cause}") from None
+            if not isinstance(cause, StageFailed):
+                last = [line for line in str(e).splitlines() if line.strip()][-1:]
+                raise StageFailed(f"{spec.task_name}: the Ray task failed: {''.join(last)[:300]}") from None
             if attempt == spec.retries:
                 raise cause from None
             print(f"kiln: {spec.task_name}: failed on attempt {attempt + 1} of {spec.retries + 1}; trying again",
@@ -73,8 +82,33 @@ def _run_stage(spec: StageSpec, store_root: str, settings: Settings, threads: di
         else:
             os.environ[name] = value
     node = ray.get_runtime_context().get_node_id()
-    digest = run_and_publish(spec, Store(Path(store_root)), settings, extra_record={"ray_node": node})
+    if settings.ray_store == "shared":
+        digest = run_and_publish(spec, Store(Path(store_root)), settings, extra_record={"ray_node": node})
+        return {"digest": digest, "node": node}
+    tier = settings.remote_tier()
+    assert tier is not None and spec.inputs is not None  # settings refuse ray_store=remote without one
+    local = Store(Path(os.environ.get("KILN_NODE_STORE") or Path.home() / ".cache" / "kiln" / "store"))
+    for digest in spec.inputs.values():
+        tier.pull_output(local, digest)
+    lock = local.lock(spec.key)  # another driver's task on this node may build the same key
+    lock.acquire()
+    try:
+        digest = local.output_of(spec.key) or run_and_publish(spec, local, settings, extra_record={"ray_node": node})
+        tier.push(local, spec.key)
+    finally:
+        lock.release()
     return {"digest": digest, "node": node}
+
+
+def _fetch(spec: StageSpec, store: Store, settings: Settings, digest: str) -> str:
+    """The entry a node pushed, pulled into the driver's store."""
+    tier = settings.remote_tier()
+    assert tier is not None
+    pulled = tier.pull(store, spec.key)
+    if pulled is None or pulled[0] != digest:
+        raise StageFailed(f"{spec.task_name}: the Ray node built output {digest[:16]}…, but {tier.url} does not hold "
+                          "that entry for its key")
+    return digest
 
 
 def _connect(settings: Settings) -> None:

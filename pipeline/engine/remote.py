@@ -137,16 +137,7 @@ class RemoteTier:
         moved = Transfer()
         scratch = store.new_scratch(key)
         try:
-            files: dict[str, dict[str, Any]] = {}
-            if store.has_output(digest):
-                moved.present += 1
-            else:
-                doc = self._document(manifest_key(digest))
-                if doc is None:
-                    raise RemoteCorrupt(f"{self.url}: record {key[:16]}… names output {digest[:16]}…, whose manifest is missing")
-                files = _check_manifest(doc, digest, self.url)
-            for rel, f in files.items():
-                self._pull_blob(f, scratch / "out" / rel, moved)
+            self._download_output(store, digest, scratch, moved, f"record {key[:16]}…")
             for rel, f in _check_files(record.get("run_files", {}), f"record {key[:16]}…", self.url).items():
                 if rel != "log.txt" and not rel.startswith("info/"):
                     raise RemoteCorrupt(f"{self.url}: record {key[:16]}… lists {rel[:80]!r} beside the run's log and info/")
@@ -157,6 +148,31 @@ class RemoteTier:
             remove_tree(scratch)
             raise
         return got, moved
+
+    def pull_output(self, store: Store, digest: str) -> Transfer:
+        """Publish output `digest` (no action record) in `store` from the bucket: a stage's input on a
+        Ray node that does not mount the driver's store."""
+        moved = Transfer()
+        if store.has_output(digest):
+            moved.present += 1
+            return moved
+        scratch = store.new_scratch(digest)
+        try:
+            self._download_output(store, digest, scratch, moved, f"input {digest[:16]}…")
+            store.publish_output(scratch, expected=digest)
+        finally:
+            remove_tree(scratch)
+        return moved
+
+    def _download_output(self, store: Store, digest: str, scratch: Path, moved: Transfer, who: str) -> None:
+        if store.has_output(digest):
+            moved.present += 1
+            return
+        doc = self._document(manifest_key(digest))
+        if doc is None:
+            raise RemoteCorrupt(f"{self.url}: {who} names output {digest[:16]}…, whose manifest is missing")
+        for rel, f in _check_manifest(doc, digest, self.url).items():
+            self._pull_blob(f, scratch / "out" / rel, moved)
 
     def _pull_blob(self, f: dict[str, Any], dest: Path, moved: Transfer) -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -138,7 +138,8 @@ def _build(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> str:
             else:
                 digest = _execute(spec, store, settings)
                 outcome = "built"
-                _push(spec, store, settings)
+                if not (settings.executor == "ray" and settings.ray_store == "remote"):  # else the node pushed it
+                    _push(spec, store, settings)
         finally:
             lock.release()
     store.touch(spec.key, digest)

@@ -13,7 +13,9 @@ KILN_REMOTE_REQUIRED  1: a remote that cannot be reached fails the build; 0 (def
                and stages build locally ([tool.kiln.store].required)
 KILN_EXECUTOR  where stages that miss run: local (default) or ray ([tool.kiln].executor); with ray,
                RAY_ADDRESS names the cluster and the store must be shared storage every node
-               mounts at the same path. KILN_RAY_RESOURCES (JSON) / [tool.kiln.ray].resources:
+               mounts at the same path, or (KILN_RAY_STORE=remote / [tool.kiln.ray].store) each node
+               keeps a store of its own (KILN_NODE_STORE on the node, default ~/.cache/kiln/store)
+               and exchanges inputs and outputs through the remote tier. KILN_RAY_RESOURCES (JSON) / [tool.kiln.ray].resources:
                {stage: {resource: amount}} overrides the stages' own node resources.
 """
 from __future__ import annotations
@@ -53,11 +55,12 @@ class Settings:
     executor: str = "local"             # local | ray
     ray_address: str | None = None
     ray_resources: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()  # stage -> resources
+    ray_store: str = "shared"           # shared: nodes mount the store; remote: nodes go through the bucket
 
     @classmethod
     def from_env(cls) -> Settings:
         conf = pyproject_kiln()
-        return cls(
+        settings = cls(
             root=ROOT,
             recipes_dir=Path(os.environ.get("KILN_RECIPES", ROOT / "recipes")).resolve(),
             artifacts=Path(os.environ.get("KILN_ARTIFACTS", ROOT / "artifacts")).resolve(),
@@ -67,6 +70,10 @@ class Settings:
             **_remote(_store_table(conf)),
             **_executor(conf),
         )
+        if settings.executor == "ray" and settings.ray_store == "remote" and not settings.remote:
+            raise KilnError("KILN_RAY_STORE=remote: the Ray nodes exchange inputs and outputs through the remote "
+                            "tier, and none is configured (KILN_REMOTE or [tool.kiln.store].remote)")
+        return settings
 
     def node_resources(self, stage: str, declared: tuple[tuple[str, float], ...]) -> dict[str, float]:
         """What a Ray node must offer to run `stage` (a stage name or node id): pyproject's word, else the stage's."""
@@ -171,6 +178,9 @@ def _executor(conf: dict[str, Any]) -> dict[str, Any]:
     if executor == "ray" and not address:
         raise KilnError("KILN_EXECUTOR=ray needs the cluster's address: RAY_ADDRESS (e.g. 127.0.0.1:6379, or auto "
                         "on a node of the cluster) or [tool.kiln.ray].address")
-    return {"executor": executor, "ray_address": address,
+    store = os.environ.get("KILN_RAY_STORE") or ray.get("store", "shared")
+    if store not in ("shared", "remote"):
+        raise KilnError(f"KILN_RAY_STORE / [tool.kiln.ray].store: {str(store)[:40]!r} is not shared or remote")
+    return {"executor": executor, "ray_address": address, "ray_store": store,
             "ray_resources": tuple(sorted((stage, tuple(sorted((k, float(v)) for k, v in r.items())))
                                           for stage, r in resources.items()))}

@@ -209,23 +209,7 @@ class Store:
         if clash:
             raise KilnError(f"{key[:16]}…: {', '.join(clash)} written to both ctx.out and ctx.info; the workspace "
                             f"shows both side by side (nothing was published)")
-        if expected is not None and self.has_output(expected):
-            files, digest = {}, expected
-        else:
-            files = file_manifest(scratch / "out")
-            digest = output_digest(files)
-            if expected is not None and digest != expected:
-                raise KilnError(f"{key[:16]}…: the output came out as {digest[:16]}…, not the {expected[:16]}… "
-                                f"expected (nothing was published)")
-        kept = False
-        if not self.has_output(digest):
-            staging = scratch / "output"
-            staging.mkdir()
-            os.rename(scratch / "out", staging / "out")
-            manifest = {"digest": digest, "files": files,
-                        "stat": {rel: stat_signature(staging / "out" / rel) for rel in files}}
-            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            kept = _seal(staging, self.output(digest))
+        digest, kept = self.publish_output(scratch, expected, key[:16] + "…")
         action = scratch / "action"
         action.mkdir()
         for name in ("info", "log.txt"):
@@ -243,6 +227,26 @@ class Store:
         _seal(action, self.action(key))
         remove_tree(scratch)
         return digest, kept
+
+    def publish_output(self, scratch: Path, expected: str | None = None, name: str = "") -> tuple[str, bool]:
+        """The output half of `publish`: `scratch/out` sealed under its digest (unless that digest is
+        here already: then `out/` may be empty when it was `expected`). Returns (digest, kept)."""
+        if expected is not None and self.has_output(expected):
+            return expected, False
+        files = file_manifest(scratch / "out")
+        digest = output_digest(files)
+        if expected is not None and digest != expected:
+            raise KilnError(f"{name or expected[:16]}: the output came out as {digest[:16]}…, not the "
+                            f"{expected[:16]}… expected (nothing was published)")
+        if self.has_output(digest):
+            return digest, False
+        staging = scratch / "output"
+        staging.mkdir()
+        os.rename(scratch / "out", staging / "out")
+        manifest = {"digest": digest, "files": files,
+                    "stat": {rel: stat_signature(staging / "out" / rel) for rel in files}}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        return digest, _seal(staging, self.output(digest))
 
     def tampered(self, digest: str) -> list[str]:
         """Files of the output whose size, mtime or inode moved since publish (edited through a

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from conftest import tiny_htp_recipe, wait_for
 
 from pipeline.engine.store import Store
+from tests.s3_server import CREDENTIALS
 
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils", reason="the ray extra (setup.sh installs it)")
 
@@ -27,12 +29,22 @@ FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 1000, "health_check_perio
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
+    # the nodes' own stores (KILN_RAY_STORE=remote): one directory, as nodes on one disk would share
+    # and the test S3 server's credentials, which a real node would have from its role or profile
+    node_env = {"KILN_NODE_STORE": str(tmp_path_factory.mktemp("node_store")), **CREDENTIALS}
+    saved = {k: os.environ.get(k) for k in node_env}
+    os.environ.update(node_env)
     c = ray_cluster_utils.Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "_system_config": FAST_HEALTH_CHECKS})
     plain = c.add_node(num_cpus=2)
     labelled = [c.add_node(num_cpus=1, resources={"calibration": 1}) for _ in range(2)]
     c.wait_for_nodes()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k)
+        else:
+            os.environ[k] = v
     yield c, plain, labelled
     c.shutdown()
 
@@ -135,3 +147,26 @@ def test_the_tiny_recipe_on_ray_gives_the_local_bytes_and_hits_stay_on_the_drive
     assert "adding model as" in out or "bundle:" in out
     again = tiny_project.doit("recipe=tiny", **env).stdout
     assert ": built" not in again and "-- tiny:bundle" in again
+
+
+def test_nodes_without_the_drivers_store_go_through_the_bucket(cluster, tiny_project, tmp_path, s3_server, bucket_url):
+    """KILN_RAY_STORE=remote: a node pulls the inputs it lacks from the bucket, builds into its own
+    store and pushes; the driver pulls the entry. Same bundle bytes as a local build."""
+    c, _, _ = cluster
+    tiny_project.doit("recipe=tiny")
+    want = (tiny_project.artifacts / "tiny" / "bundle" / "tiny.tar.gz").read_bytes()
+    artifacts = tmp_path / "ray_artifacts"
+    artifacts.mkdir()
+    env = {"KILN_EXECUTOR": "ray", "RAY_ADDRESS": c.address, "KILN_RAY_STORE": "remote",
+           "KILN_ARTIFACTS": str(artifacts), "KILN_STORE": str(tmp_path / "driver_store"), **s3_server.env(bucket_url)}
+    out = tiny_project.doit("recipe=tiny", **env).stdout
+    assert set(re.findall(r"kiln: tiny:(\S+): built ", out)) == {"model", "bundle"}
+    assert "pushed to" not in out  # the nodes pushed; the driver only pulled
+    assert (artifacts / "tiny" / "bundle" / "tiny.tar.gz").read_bytes() == want
+    store = Store(tmp_path / "driver_store")
+    assert {store.record(k)["pulled_from"] for k in store.actions()} == {bucket_url}
+    assert all("ray_node" in store.record(k) for k in store.actions())
+    # without a bucket the mode is refused before anything runs
+    refused = tiny_project.doit("recipe=tiny", check=False, KILN_EXECUTOR="ray", RAY_ADDRESS=c.address,
+                                KILN_RAY_STORE="remote")
+    assert refused.returncode != 0 and "none is configured" in refused.stdout + refused.stderr
