@@ -17,6 +17,20 @@ class StageFailed(KilnError):
     """A stage's process failed; the message names its log and its last lines."""
 
 
+class StageFlaked(StageFailed):
+    """A stage's process failed because a tool did what it is known to do now and then
+    (`ToolFlaked`): the runner tries the stage again, `Stage.retries` times at most."""
+
+
+class ToolFlaked(KilnError):
+    """Raised by a stage when a tool failed in a way a rerun is known to get past (QNN's HTP
+    compile, now and then); any other error fails the stage at once."""
+
+
+# The stage process's exit status for ToolFlaked (sysexits' EX_TEMPFAIL)
+TRANSIENT_EXIT = 75
+
+
 class ToolMissing(KilnError):
     """A tool a stage needs is not installed; the message says how to install it."""
 

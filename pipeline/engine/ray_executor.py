@@ -13,7 +13,8 @@ manifest), publishes there and pushes, and the driver pulls the entry. Either wa
 output digest and the node id come back through Ray, nothing large.
 
 A node lost mid-stage: Ray runs the task again elsewhere (its scratch dies with it; the lock is
-the driver's). A stage that fails is tried again `Stage.retries` times. The child process gets the
+the driver's). A stage that fails on a known-flaky tool (`ToolFlaked`) is tried again `Stage.retries`
+times. The child process gets the
 driver's thread settings, not Ray's per-task OMP_NUM_THREADS: thread counts change float
 reductions, and a build must give the same bytes wherever it runs.
 """
@@ -23,7 +24,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.engine.errors import KilnError, StageFailed
+from pipeline.engine.errors import KilnError, StageFailed, StageFlaked
 
 if TYPE_CHECKING:
     from pipeline.engine.plan import StageSpec
@@ -59,7 +60,7 @@ def run_on_ray(spec: StageSpec, store: Store, settings: Settings) -> str:
             if not isinstance(cause, StageFailed):
                 last = [line for line in str(e).splitlines() if line.strip()][-1:]
                 raise StageFailed(f"{spec.task_name}: the Ray task failed: {''.join(last)[:300]}") from None
-            if attempt == spec.retries:
+            if not isinstance(cause, StageFlaked) or attempt == spec.retries:
                 raise cause from None
             print(f"kiln: {spec.task_name}: failed on attempt {attempt + 1} of {spec.retries + 1}; trying again",
                   flush=True)

@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from pipeline.engine.errors import KilnError
+from pipeline.engine.errors import TRANSIENT_EXIT, KilnError, ToolFlaked
 from pipeline.engine.stage import Stage, StageContext
 
 
@@ -76,6 +76,9 @@ def main(job_file: str) -> int:
     )
     try:
         stage_entry(job["entry"])().run(ctx)
+    except ToolFlaked as e:
+        print(f"error: {e} (a failure a rerun is known to get past)", flush=True)
+        return TRANSIENT_EXIT
     except KilnError as e:
         print(f"error: {e}", flush=True)
         return 1

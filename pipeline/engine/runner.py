@@ -31,7 +31,7 @@ from pipeline.engine.cost import (
     tree_bytes,
     wait_rusage,
 )
-from pipeline.engine.errors import KilnError, StageFailed
+from pipeline.engine.errors import TRANSIENT_EXIT, KilnError, StageFailed, StageFlaked
 from pipeline.engine.lock import HOST, FileLock
 from pipeline.engine.materialize import materialize
 from pipeline.engine.objstore import RemoteUnavailable
@@ -163,7 +163,8 @@ def _build(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> str:
 
 def _execute(spec: StageSpec, store: Store, settings: Settings) -> str:
     """Run the stage where the executor says (this machine, or a Ray task: the cluster then does
-    the resource accounting), trying a failed run again `spec.retries` times."""
+    the resource accounting), trying a run that failed on a known-flaky tool (`ToolFlaked`) again,
+    `spec.retries` times at most."""
     if settings.executor == "ray":
         from pipeline.engine.ray_executor import run_on_ray
 
@@ -172,7 +173,7 @@ def _execute(spec: StageSpec, store: Store, settings: Settings) -> str:
         try:
             with _resource_slot(spec, settings):
                 return run_and_publish(spec, store, settings)
-        except StageFailed as e:
+        except StageFlaked as e:
             if attempt == spec.retries:
                 raise
             say(f"{spec.task_name}: failed on attempt {attempt + 1} of {spec.retries + 1} "
@@ -315,7 +316,7 @@ def run_and_publish(spec: StageSpec, store: Store, settings: Settings, extra_rec
         failed_log.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(log_path, failed_log)
         remove_tree(scratch)
-        raise StageFailed(
+        raise (StageFlaked if rc == TRANSIENT_EXIT else StageFailed)(
             f"{spec.task_name} failed (exit {rc}) after {duration:.1f}s; log: {settings.shown(failed_log)}\n"
             + "".join(f"  | {line}\n" for line in tail)
         )

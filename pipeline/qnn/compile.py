@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
-from pipeline.engine.errors import KilnError
+from pipeline.engine.errors import KilnError, ToolFlaked
 from pipeline.engine.progress import progress
 from pipeline.engine.stage import StageContext, Strict
 
@@ -74,7 +74,7 @@ class QnnCompile(GraphStage):
     version = 4  # 2: RMSNorm fused into one op (float16 overflow on HTP otherwise); 3: reproducible graph names;
     # 4: compile timings in ctx.info, not compile.json
     Params = QnnCompileParams
-    retries = 2  # QNN's HTP compile is known to fail now and then on a graph it compiles on a rerun
+    retries = 2  # QNN's HTP compile fails now and then on a graph a rerun compiles (ToolFlaked)
     tools = ("python", "onnx", "onnxruntime", "onnxruntime-qnn", "numpy")
 
     @classmethod
@@ -194,6 +194,11 @@ def compile_in_child(jobs: list[tuple[Path, Path, str]], soc_model: int, htp_arc
     except BrokenProcessPool:
         raise KilnError(f"qnn.compile: the process compiling {', '.join(src.name for src, _, _ in jobs)} died "
                         "(killed for memory? see the stage's peak RSS)") from None
+    except KilnError:
+        raise
+    except Exception as e:  # QNN's compiler through onnxruntime: known to fail now and then
+        raise ToolFlaked(f"qnn.compile: QNN failed compiling {', '.join(src.name for src, _, _ in jobs)}: "
+                         f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
 
 
 def _qairt_shared(ctx: StageContext, graphs: list[dict[str, Any]]) -> None:
