@@ -21,7 +21,7 @@ PEAK = {
     "model.synthetic": (3 * GB, 0.0),     # one shard at a time
     "model": (1 * GB, 8.0),               # fp32 load + save copy
     "qnn.export": (2 * GB, 8.0),
-    "qnn.quantize": (3 * GB, 10.0),
+    "qnn.quantize": (3 * GB, 7.0),        # 11.3 GB at 1.236B (the activation-range pass)
     "llamacpp.convert": (2 * GB, 0.5),    # lazy, memory-mapped
 }
 
