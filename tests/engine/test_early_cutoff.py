@@ -110,7 +110,10 @@ def test_a_text_range_selecting_the_same_lines_and_a_gate_threshold_rebuild_one_
     explain = p.doit("explain", "recipe=tq").stdout
     assert "tq:qnn.quantize: depends on the output of text, not built yet; kept if text comes out as before" in explain
     out = p.doit("recipe=tq", "tq:qnn.compile").stdout
-    assert built(out) == ["text"] and re.search(r"tq:text: same output as before .* → 4 downstream stages kept", out)
+    kept = re.search(r"tq:text: same output as before .* → (\d+) downstream stages kept", out)
+    # the 4 this test built, and more when other tests of the shared store built the same keys
+    # further down (qnn.verify, qnn.package, bundle): every one of them is kept, none rebuilt
+    assert built(out) == ["text"] and kept and int(kept.group(1)) >= 4, out
 
     p.write("tq.yaml", tiny_htp_recipe({"qnn.quantize": "{calibration_samples: 2, calibration_tokens: 16, "
                                                         "eval_windows: 2, max_qdq_sim_gap_pct: 5.0}"}))
