@@ -46,7 +46,6 @@ class StageSpec:
     store: Path
     workspace: Path
     blocked: str | None = None    # why this stage cannot run here
-    node_resources: tuple[tuple[str, float], ...] = ()  # what a Ray node must offer (Stage.node_resources)
     retries: int = 0              # failed runs tried again (Stage.retries)
     # settled by `resolve`:
     key: str = ""                 # the action key (provisional while `pending`)
@@ -144,7 +143,7 @@ def plan(recipe: Recipe, cache: StatCache | None = None) -> list[StageSpec]:
             source_paths={n: str(p) for n, p in source_paths.items()},
             resource=cls.resource, memory=cls.peak_memory(recipe, variant) or 0, store=store,
             workspace=settings.artifacts / recipe.name / nid,
-            blocked=blocked, node_resources=tuple(sorted(cls.node_resources.items())), retries=cls.retries,
+            blocked=blocked, retries=cls.retries,
         ))
     if own_cache:
         cache.save()

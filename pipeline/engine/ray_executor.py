@@ -5,7 +5,8 @@ against the store and the remote tier as always (a hit never leaves it), holds t
 and only a miss becomes a Ray task. The task runs the stage exactly as the local executor does
 (`run_and_publish`: a child process, its output teed to the log and to stdout, which Ray streams
 to the driver's console) on a node that offers the stage's resources: CPUs, its declared peak
-memory, and custom resources (`Stage.node_resources`, e.g. {"calibration": 1}). Where inputs
+memory, and the custom resources configured for it (`[tool.kiln.ray].resources`, e.g.
+{"calibration": 1} for qnn.quantize: which kinds of node a cluster has is deployment, not code). Where inputs
 come from and the output goes (KILN_RAY_STORE): `shared`, the store is shared storage every node
 mounts at the same path; `remote`, each node keeps a store of its own (KILN_NODE_STORE, default
 ~/.cache/kiln/store), pulls the inputs it lacks from the remote tier (each checked against its
@@ -41,7 +42,7 @@ def run_on_ray(spec: StageSpec, store: Store, settings: Settings) -> str:
     import ray
 
     _connect(settings)
-    resources = settings.node_resources(spec.stage, spec.node_resources)
+    resources = settings.node_resources(spec.stage)
     _check_cluster_offers(spec, resources)
     threads = {k: os.environ.get(k) for k in THREAD_VARS}
     task = ray.remote(_run_stage).options(

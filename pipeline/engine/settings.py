@@ -16,7 +16,8 @@ KILN_EXECUTOR  where stages that miss run: local (default) or ray ([tool.kiln].e
                mounts at the same path, or (KILN_RAY_STORE=remote / [tool.kiln.ray].store) each node
                keeps a store of its own (KILN_NODE_STORE on the node, default ~/.cache/kiln/store)
                and exchanges inputs and outputs through the remote tier. KILN_RAY_RESOURCES (JSON) / [tool.kiln.ray].resources:
-               {stage: {resource: amount}} overrides the stages' own node resources.
+               {stage: {resource: amount}}: what a node must offer to run that stage (pyproject ships
+               qnn.quantize → calibration: the cluster's calibration nodes).
 """
 from __future__ import annotations
 
@@ -75,11 +76,10 @@ class Settings:
                             "tier, and none is configured (KILN_REMOTE or [tool.kiln.store].remote)")
         return settings
 
-    def node_resources(self, stage: str, declared: tuple[tuple[str, float], ...]) -> dict[str, float]:
-        """What a Ray node must offer to run `stage` (a stage name or node id): pyproject's word, else the stage's."""
-        overrides = dict(self.ray_resources)
-        chosen = overrides.get(stage, overrides.get(stage.split("@")[0], declared))
-        return dict(chosen)
+    def node_resources(self, stage: str) -> dict[str, float]:
+        """The custom Ray resources a node must offer to run `stage` (a node id, or its stage name)."""
+        chosen = dict(self.ray_resources)
+        return dict(chosen.get(stage, chosen.get(stage.split("@")[0], ())))
 
     def remote_tier(self) -> RemoteTier | None:
         """The remote tier, when one is configured (one client per process)."""

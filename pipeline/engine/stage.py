@@ -78,10 +78,6 @@ class Stage:
     requires: ClassVar[tuple[str, ...]] = ()
     tools: ClassVar[tuple[str, ...]] = ()
     resource: ClassVar[Literal["light", "heavy"]] = "light"
-    # Under the Ray executor: custom resources a node must offer to run the stage (e.g.
-    # {"calibration": 1}: a node fit to calibrate, with an accelerator); pyproject's
-    # [tool.kiln.ray].resources may say otherwise per stage. Not part of the key.
-    node_resources: ClassVar[dict[str, float]] = {}
     # How many times a failed run is tried again (a tool known to fail now and then). Not in the key.
     retries: ClassVar[int] = 0
     # The output names its recipe (bundle, READMEs, run.sh): the recipe's name enters the key. A

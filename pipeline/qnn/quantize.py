@@ -92,7 +92,6 @@ class QnnQuantize(GraphStage):
     name = QUANTIZE
     version = 4  # 4: report.md without the recipe's name (entries are shared between recipes)
     Params = QnnQuantizeParams
-    node_resources = {"calibration": 1}  # a Ray cluster's calibration (GPU) nodes
 
     @classmethod
     def tool_names(cls, recipe: Recipe, variant: str = "") -> tuple[str, ...]:
