@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -41,9 +42,8 @@ class S3Server:
         return {**CREDENTIALS, "KILN_REMOTE": url, "KILN_REMOTE_ENDPOINT": self.endpoint, **extra}
 
 
-def start_server(directory: Path) -> S3Server:
-    from conftest import wait_for
-
+def start_server(directory: Path, timeout_s: float = 60) -> S3Server:
+    """moto's server on a free port of 127.0.0.1, objects spilled under `directory` (also for bench/)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -63,7 +63,12 @@ def start_server(directory: Path) -> S3Server:
                 raise RuntimeError(f"moto server exited: {log.read_text()[-2000:]}") from None
             return False
 
-    wait_for(up, 60)
+    deadline = time.monotonic() + timeout_s
+    while not up():
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"moto server not up after {timeout_s:g} s: {log.read_text()[-2000:]}")
+        time.sleep(0.1)
     return S3Server(endpoint, process, log)
 
 
