@@ -130,11 +130,6 @@ class Bucket:
         except (AlreadyExistsError, PreconditionError):
             return False
 
-    def put(self, key: str, data: bytes) -> None:
-        import obstore
-
-        self._call(obstore.put, key, data)
-
     def delete(self, key: str) -> None:
         import obstore
 

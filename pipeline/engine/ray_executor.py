@@ -14,9 +14,9 @@ manifest), publishes there and pushes, and the driver pulls the entry. Either wa
 output digest and the node id come back through Ray, nothing large.
 
 A node lost mid-stage: Ray runs the task again elsewhere (its scratch dies with it; the lock is
-the driver's). A stage that fails on a known-flaky tool (`ToolFlaked`) is tried again `Stage.retries`
-times. The child process gets the
-driver's thread settings, not Ray's per-task OMP_NUM_THREADS: thread counts change float
+the driver's). A stage failed by a known-flaky tool (`ToolFlaked`) comes back as StageFlaked and
+the runner's retry loop runs it again, as it does locally. The child process gets the driver's
+thread settings, not Ray's per-task OMP_NUM_THREADS: thread counts change float
 reductions, and a build must give the same bytes wherever it runs.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.engine.errors import KilnError, StageFailed, StageFlaked
+from pipeline.engine.errors import KilnError, StageFailed
 
 if TYPE_CHECKING:
     from pipeline.engine.plan import StageSpec
@@ -48,27 +48,22 @@ def run_on_ray(spec: StageSpec, store: Store, settings: Settings) -> str:
     task = ray.remote(_run_stage).options(
         name=spec.task_name, num_cpus=1, memory=spec.memory or None, resources=resources or None,
         max_retries=NODE_FAILURE_RETRIES, retry_exceptions=False)
-    for attempt in range(spec.retries + 1):
-        try:
-            result = ray.get(task.remote(spec, str(store.root), settings, threads))
-            if settings.ray_store == "remote":
-                return _fetch(spec, store, settings, result["digest"])
-            return result["digest"]
-        except ray.exceptions.RayTaskError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, KilnError) and not isinstance(cause, StageFailed):
-                raise StageFailed(f"{spec.task_name} (on Ray): {cause}") from None
-            if not isinstance(cause, StageFailed):
-                last = [line for line in str(e).splitlines() if line.strip()][-1:]
-                raise StageFailed(f"{spec.task_name}: the Ray task failed: {''.join(last)[:300]}") from None
-            if not isinstance(cause, StageFlaked) or attempt == spec.retries:
-                raise cause from None
-            print(f"kiln: {spec.task_name}: failed on attempt {attempt + 1} of {spec.retries + 1}; trying again",
-                  flush=True)
-        except ray.exceptions.RayError as e:  # the node died more often than Ray retries, the cluster went
-            raise StageFailed(f"{spec.task_name}: Ray could not run it: {type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:300]}") from None
-    raise AssertionError("unreachable")
+    try:
+        result = ray.get(task.remote(spec, str(store.root), settings, threads))
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, StageFailed):  # StageFlaked too: the runner's retry loop decides
+            raise cause from None
+        if isinstance(cause, KilnError):
+            raise StageFailed(f"{spec.task_name} (on Ray): {cause}") from None
+        last = [line for line in str(e).splitlines() if line.strip()][-1:]
+        raise StageFailed(f"{spec.task_name}: the Ray task failed: {''.join(last)[:300]}") from None
+    except ray.exceptions.RayError as e:  # the node died more often than Ray retries, the cluster went
+        raise StageFailed(f"{spec.task_name}: Ray could not run it: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300]}") from None
+    if settings.ray_store == "remote":
+        return _fetch(spec, store, settings, result["digest"])
+    return result["digest"]
 
 
 def _run_stage(spec: StageSpec, store_root: str, settings: Settings, threads: dict[str, str | None]) -> dict[str, Any]:

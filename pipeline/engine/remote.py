@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import re
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -34,7 +33,7 @@ import blake3
 from pipeline.engine.errors import KilnError
 from pipeline.engine.keys import canonical_json, output_digest
 from pipeline.engine.objstore import Bucket
-from pipeline.engine.store import Store, output_files, remove_tree
+from pipeline.engine.store import Store, file_entry, output_files, remove_tree
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 BLAKE3 = re.compile(r"blake3:[0-9a-f]{64}")
@@ -71,12 +70,6 @@ def record_key(key: str) -> str:
     return f"actions/{key[:2]}/{key}.json"
 
 
-def _file_entry(path: Path) -> dict[str, Any]:
-    from pipeline.engine.hashing import hash_file_bytes
-
-    return {"size": path.stat().st_size, "blake3": hash_file_bytes(path), "exec": bool(path.stat().st_mode & stat.S_IXUSR)}
-
-
 class RemoteTier:
     def __init__(self, bucket: Bucket):
         self.bucket = bucket
@@ -92,7 +85,7 @@ class RemoteTier:
         digest = record["output"]
         manifest = store.manifest(digest)
         action = store.action(key)
-        extras = {rel: _file_entry(action / rel)
+        extras = {rel: file_entry(action / rel)
                   for rel in ["log.txt"] + [p.relative_to(action).as_posix() for p in output_files(action / "info")]
                   if (action / rel).is_file()}
         moved = Transfer()

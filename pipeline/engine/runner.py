@@ -165,12 +165,12 @@ def _execute(spec: StageSpec, store: Store, settings: Settings) -> str:
     """Run the stage where the executor says (this machine, or a Ray task: the cluster then does
     the resource accounting), trying a run that failed on a known-flaky tool (`ToolFlaked`) again,
     `spec.retries` times at most."""
-    if settings.executor == "ray":
-        from pipeline.engine.ray_executor import run_on_ray
-
-        return run_on_ray(spec, store, settings)
     for attempt in range(spec.retries + 1):
         try:
+            if settings.executor == "ray":
+                from pipeline.engine.ray_executor import run_on_ray
+
+                return run_on_ray(spec, store, settings)
             with _resource_slot(spec, settings):
                 return run_and_publish(spec, store, settings)
         except StageFlaked as e:

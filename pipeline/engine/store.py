@@ -103,13 +103,15 @@ def output_files(root: Path) -> list[Path]:
     return [p for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()]
 
 
+def file_entry(path: Path) -> dict[str, Any]:
+    """{size, blake3, exec} of one file, as a manifest lists it."""
+    st = path.stat()
+    return {"size": st.st_size, "blake3": hash_file_bytes(path), "exec": bool(st.st_mode & stat.S_IXUSR)}
+
+
 def file_manifest(out: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {size, blake3, exec}} of every file under `out`: what its digest covers."""
-    return {
-        p.relative_to(out).as_posix(): {"size": p.stat().st_size, "blake3": hash_file_bytes(p),
-                                        "exec": bool(p.stat().st_mode & stat.S_IXUSR)}
-        for p in output_files(out)
-    }
+    return {p.relative_to(out).as_posix(): file_entry(p) for p in output_files(out)}
 
 
 def differs_from_manifest(out: Path) -> list[str]:

@@ -38,6 +38,12 @@ def entry(store: Store, key: str, files: dict[str, bytes], executable: tuple[str
     return digest
 
 
+def put(s3_server, url: str, key: str, data: bytes) -> None:
+    """Write an object behind Kiln's back (as another client, or an attacker, could)."""
+    bucket, prefix = parse_url(url)
+    s3_server.client().put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=data)
+
+
 def tier(s3_server, url: str) -> RemoteTier:
     return RemoteTier(Bucket(url, s3_server.endpoint))
 
@@ -119,8 +125,8 @@ def test_a_hostile_manifest_is_refused_before_anything_is_written(tmp_path, s3_s
     b = Store(tmp_path / "b")
     key, digest = new_key(), "ab" * 32
     remote = tier(s3_server, bucket_url)
-    remote.bucket.put(record_key(key), json.dumps({"key": key, "output": digest}).encode())
-    remote.bucket.put(manifest_key(digest), json.dumps({"digest": digest, **bad}).encode())
+    put(s3_server, bucket_url, record_key(key), json.dumps({"key": key, "output": digest}).encode())
+    put(s3_server, bucket_url, manifest_key(digest), json.dumps({"digest": digest, **bad}).encode())
     with pytest.raises(RemoteCorrupt, match="not a file of a Kiln output|not a map|does not hash"):
         remote.pull(b, key)
     assert not (tmp_path / "escape").exists() and not list((b.root / "scratch").iterdir())
@@ -129,10 +135,10 @@ def test_a_hostile_manifest_is_refused_before_anything_is_written(tmp_path, s3_s
 def test_a_record_under_another_key_or_not_json_is_refused(tmp_path, s3_server, bucket_url):
     remote = tier(s3_server, bucket_url)
     key, other = new_key(), new_key()
-    remote.bucket.put(record_key(key), json.dumps({"key": other, "output": "ab" * 32}).encode())
+    put(s3_server, bucket_url, record_key(key), json.dumps({"key": other, "output": "ab" * 32}).encode())
     with pytest.raises(RemoteCorrupt, match="not that key's record"):
         remote.pull(Store(tmp_path / "b"), key)
-    remote.bucket.put(record_key(other), b"\x00not json")
+    put(s3_server, bucket_url, record_key(other), b"\x00not json")
     with pytest.raises(RemoteCorrupt, match="not JSON"):
         remote.pull(Store(tmp_path / "b"), other)
 
