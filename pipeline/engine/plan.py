@@ -102,6 +102,12 @@ def resolve(specs: list[StageSpec], assume: dict[str, str] | None = None) -> lis
 def resolved(spec: StageSpec, specs: list[StageSpec]) -> StageSpec:
     """`spec` as it plans now (its inputs may have been built since the plan was made): only it and
     its ancestors are settled, so checking every stage of a no-op stays linear-ish."""
+    if spec.pending is None:
+        # its inputs' outputs were known when planned, and a record never changes once written:
+        # the key stands; only the output may have appeared since (another builder)
+        if spec.output is not None or spec.blocked:
+            return spec
+        return replace(spec, output=Store(spec.store).output_of(spec.key))
     wanted = {spec.stage}
     for s in reversed(specs):
         if s.stage in wanted:

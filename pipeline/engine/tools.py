@@ -40,17 +40,32 @@ def require_exe(name: str) -> str:
     return path
 
 
+PROBES_KEPT = 256  # remembered tool answers (.probes.json); the oldest go first
+
+
 def _probes() -> Path:
     from pipeline.engine.settings import Settings
 
     return Settings.from_env().artifacts / ".probes.json"
 
 
-def _remembered(stat_of: Path, probe: Callable[[], str]) -> str:
-    """`probe()`, remembered on disk under `stat_of`'s (device, inode, size, mtime): a no-op
-    `doit` must not spawn `gcc --version` and friends each time."""
-    st = stat_of.stat()
-    sig = f"{stat_of}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+def _stat_signature(path: Path) -> str:
+    st = path.stat()
+    return f"{path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+@cache
+def _import_path_signature() -> str:
+    """The directories Python finds distributions in, as they are now: installing, upgrading or
+    removing a package adds or removes a `*.dist-info` entry there, which moves the mtime."""
+    return "|".join(_stat_signature(Path(p)) for p in sys.path
+                    if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p))
+
+
+def _remembered(sig: str, probe: Callable[[], str]) -> str:
+    """`probe()`, remembered on disk under `sig` (what the answer depends on, as stat signatures): a
+    no-op `doit` must not spawn `gcc --version` and friends, or scan every installed distribution's
+    metadata, each time."""
     file = _probes()
     try:
         known = json.loads(file.read_text())
@@ -58,6 +73,8 @@ def _remembered(stat_of: Path, probe: Callable[[], str]) -> str:
         known = {}
     if sig not in known:
         known[sig] = probe()
+        for stale in list(known)[:-PROBES_KEPT]:  # answers for tools and installs long gone
+            del known[stale]
         file.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=file.parent, prefix=".probes.")
         with os.fdopen(fd, "w") as f:
@@ -74,7 +91,7 @@ def _exe_version(name: str) -> str:
         first = (out.stdout or out.stderr).strip().splitlines()
         return first[0] if first else "unknown"
 
-    return _remembered(path, probe)
+    return _remembered(_stat_signature(path), probe)
 
 
 def _deb_version(pkg: str) -> str:
@@ -86,7 +103,7 @@ def _deb_version(pkg: str) -> str:
         return out.stdout.strip()
 
     listed = sorted(Path("/var/lib/dpkg/info").glob(f"{pkg}.list")) + sorted(Path("/var/lib/dpkg/info").glob(f"{pkg}:*.list"))
-    return _remembered(listed[0], probe) if listed else probe()
+    return _remembered(_stat_signature(listed[0]), probe) if listed else probe()
 
 
 @cache
@@ -102,10 +119,14 @@ def fingerprint(tool: str) -> str:
         import zlib
 
         return zlib.ZLIB_RUNTIME_VERSION
-    try:
-        return metadata.version(tool)
-    except metadata.PackageNotFoundError:
-        raise ToolMissing(f"Python package {tool!r} is not installed: {_INSTALL_HINT}") from None
+
+    def probe() -> str:
+        try:
+            return metadata.version(tool)
+        except metadata.PackageNotFoundError:
+            raise ToolMissing(f"Python package {tool!r} is not installed: {_INSTALL_HINT}") from None
+
+    return _remembered(f"python-package:{tool}:{_import_path_signature()}", probe)
 
 
 def fingerprints(tools: tuple[str, ...]) -> dict[str, str]:
