@@ -40,7 +40,7 @@ GB = 1 << 30
 
 
 def human_bytes(n: float) -> str:
-    for unit, size in (("GB", GB), ("MB", 1 << 20), ("kB", 1 << 10)):
+    for unit, size in (("GiB", GB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{int(n)} B"
@@ -138,7 +138,7 @@ def tree_bytes(path: Path) -> int:
 
 
 def describe(cost: dict[str, Any] | None) -> str:
-    """'162 s wall, 310 s CPU, peak RSS 20.9 GB, wrote 6.0 GB' (or '' when not measured)."""
+    """'162 s wall, 310 s CPU, peak RSS 19.5 GiB, wrote 5.6 GiB' (or '' when not measured)."""
     if not cost:
         return ""
     return (f"{cost['wall_s']:.0f} s wall, {cost['cpu_s']:.0f} s CPU, peak RSS {human_bytes(cost['peak_rss_bytes'])}, "

@@ -3,7 +3,7 @@
 KILN_RECIPES   recipes directory            (default: <repo>/recipes)
 KILN_ARTIFACTS workspace root               (default: <repo>/artifacts)
 KILN_STORE     content-addressed store      (default: [tool.kiln].store; never a recipe's choice)
-KILN_MEMORY_GB memory the stages that declare their peak may reserve together
+KILN_MEMORY_GB memory (GiB) the stages that declare their peak may reserve together
                (default: [tool.kiln].memory_gb, else 90% of physical memory)
 KILN_REMOTE    the store's remote tier, s3://bucket[/prefix] (default: [tool.kiln.store].remote;
                "" turns it off); never a recipe's choice. Its endpoint: KILN_REMOTE_ENDPOINT, else

@@ -29,12 +29,12 @@ def test_every_built_stage_records_its_cost_and_costs_prints_the_table(tiny_proj
 
     out = subprocess.run([sys.executable, "-m", "pipeline", "costs", "tiny"], env=tiny_project.env(),
                          capture_output=True, text=True, check=True).stdout
-    assert re.search(r"^\| model \| [\d.]+ \| [\d.]+ \| [\d.]+ MB \| [\d.]+ kB \| .* \| \S+ \| 20\d\d-", out, re.M), out
+    assert re.search(r"^\| model \| [\d.]+ \| [\d.]+ \| [\d.]+ MiB \| [\d.]+ KiB \| .* \| \S+ \| 20\d\d-", out, re.M), out
     assert re.search(r"^\| \*\*total\*\* \(2 of 2 stages\) \|", out, re.M) and "of outputs." in out
     page = (tiny_project.artifacts / "tiny" / "costs.md").read_text()
     assert page.startswith("# Stage costs: tiny") and "| bundle |" in page
     explain = tiny_project.doit("explain", "recipe=tiny").stdout
-    assert re.search(r"tiny:model \[\w+…\]: up to date \(cost \d+ s wall, \d+ s CPU, peak RSS [\d.]+ MB", explain)
+    assert re.search(r"tiny:model \[\w+…\]: up to date \(cost \d+ s wall, \d+ s CPU, peak RSS [\d.]+ MiB", explain)
 
 
 def test_tree_sampler_sees_a_grandchild_and_not_the_parents_memory():
@@ -67,11 +67,11 @@ def test_the_ledger_admits_what_fits_refuses_the_rest_and_forgets_the_dead(tmp_p
     ledger = MemoryLedger(tmp_path, budget=10 * GB)
     first = ledger.try_reserve(6 * GB, "a:model")
     assert first and ledger.try_reserve(5 * GB, "b:model") is None
-    assert ledger.holders() == ["a:model (6.0 GB)"]
+    assert ledger.holders() == ["a:model (6.0 GiB)"]
     second = ledger.try_reserve(4 * GB, "c:export")
     assert second and ledger.try_reserve(1, "d") is None
     ledger.release(first)
-    assert ledger.holders() == ["c:export (4.0 GB)"]
+    assert ledger.holders() == ["c:export (4.0 GiB)"]
     ledger.release(second)
     assert ledger.try_reserve(50 * GB, "huge") is not None  # larger than the budget: runs alone
     # an entry of a process that is gone does not hold memory
@@ -84,7 +84,7 @@ def test_the_ledger_admits_what_fits_refuses_the_rest_and_forgets_the_dead(tmp_p
     live = json.loads(ledger.file.read_text())
     ledger.file.write_text(json.dumps([*live, {"id": "x", "host": live[0]["host"], "pid": 0, "bytes": 10 * GB},
                                        {"id": "y", "host": live[0]["host"], "pid": os.getpid()}, "junk"]))
-    assert ledger.holders() == ["e (9.0 GB)"]
+    assert ledger.holders() == ["e (9.0 GiB)"]
     ledger.file.write_text('{"not": "a list"}')
     assert ledger.holders() == [] and ledger.try_reserve(1, "f") is not None
 
@@ -102,7 +102,7 @@ def test_a_stage_that_does_not_fit_waits_for_the_memory(tiny_project):
 
     def saw_wait() -> bool:
         lines.extend(proc.stdout.readlines())
-        return any("tiny:model: expects" in line and "waiting for other:qnn.export (1.5 GB)" in line for line in lines)
+        return any("tiny:model: expects" in line and "waiting for other:qnn.export (1.5 GiB)" in line for line in lines)
     wait_for(saw_wait, 120)
     time.sleep(1)
     assert not any("tiny:model: building" in line for line in lines)
