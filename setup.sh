@@ -42,7 +42,10 @@ if [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; the
 else
   [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
   log "installing Python dependencies into $VENV"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_REQ"
+  # --no-compile: pip would byte-compile all ~21000 modules of the environment up front;
+  # Python compiles the few thousand that Kiln imports on first use instead
+  pip_install=("$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile)
+  "${pip_install[@]}" "$TORCH_REQ"
   mapfile -t deps < <("$VENV/bin/python" - <<'PY'
 import tomllib
 p = tomllib.load(open("pyproject.toml", "rb"))["project"]
@@ -50,8 +53,8 @@ extra = p["optional-dependencies"]
 print("\n".join(p["dependencies"] + extra["test"] + extra["aimet"] + extra["remote"] + extra["ray"]))
 PY
 )
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_REQ" "${deps[@]}"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$AIMET_REQ"
+  "${pip_install[@]}" "$TORCH_REQ" "${deps[@]}"
+  "${pip_install[@]}" --no-deps "$AIMET_REQ"
   echo "$want" > "$stamp"
 fi
 
