@@ -6,7 +6,8 @@ and only a miss becomes a Ray task. The task runs the stage exactly as the local
 (`run_and_publish`: a child process, its output teed to the log and to stdout, which Ray streams
 to the driver's console) on a node that offers the stage's resources: CPUs, its declared peak
 memory, and the custom resources configured for it (`[tool.kiln.ray].resources`, e.g.
-{"calibration": 1} for qnn.quantize: which kinds of node a cluster has is deployment, not code). Where inputs
+{"calibration": 1} for qnn.quantize: which kinds of node a cluster has is deployment, not code); a stage
+that needs none of them prefers the nodes that offer none, keeping those for their stages. Where inputs
 come from and the output goes (KILN_RAY_STORE): `shared`, the store is shared storage every node
 mounts at the same path; `remote`, each node keeps a store of its own (KILN_NODE_STORE, default
 ~/.cache/kiln/store), pulls the inputs it lacks from the remote tier (each checked against its
@@ -21,6 +22,7 @@ reductions, and a build must give the same bytes wherever it runs.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +49,7 @@ def run_on_ray(spec: StageSpec, store: Store, settings: Settings) -> str:
     threads = {k: os.environ.get(k) for k in THREAD_VARS}
     task = ray.remote(_run_stage).options(
         name=spec.task_name, num_cpus=1, memory=spec.memory or None, resources=resources or None,
-        max_retries=NODE_FAILURE_RETRIES, retry_exceptions=False)
+        max_retries=NODE_FAILURE_RETRIES, retry_exceptions=False, **_placement(resources, settings))
     try:
         result = ray.get(task.remote(spec, str(store.root), settings, threads))
     except ray.exceptions.RayTaskError as e:
@@ -118,6 +120,26 @@ def _connect(settings: Settings) -> None:
                  configure_logging=True, runtime_env={"env_vars": {"PYTHONPATH": str(settings.root)}})
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise StageFailed(f"Ray cluster {settings.ray_address}: cannot connect ({str(e).splitlines()[0][:200]})") from None
+
+
+def _placement(resources: dict[str, float], settings: Settings) -> dict[str, Any]:
+    """A stage that asks for no custom resource prefers the nodes that offer none of the ones Kiln
+    routes stages by (`calibration` nodes are kept for calibration): soft affinity to one of them,
+    taken in turn, so it still runs elsewhere when none is left. Ray alone would pack it anywhere."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    routed = {name for _, wanted in settings.ray_resources for name, _ in wanted}
+    if resources or not routed:
+        return {}
+    plain = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1
+                   and not routed & set(n["Resources"]))
+    if not plain:
+        return {}
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=plain[next(_TURN) % len(plain)], soft=True)}
+
+
+_TURN = itertools.count()
 
 
 def _check_cluster_offers(spec: StageSpec, resources: dict[str, float]) -> None:
