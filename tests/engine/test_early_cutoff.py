@@ -19,8 +19,8 @@ from pipeline.engine.store import Store
 from pipeline.registry import load_recipe
 from tests.checkout import copy_checkout
 
-# explain on a built stage: "up to date (cost 6 s wall, 6 s CPU, peak RSS 390.4 MB, wrote 328.1 kB)"
-UP_TO_DATE = r"up to date \(cost \d+ s wall, \d+ s CPU, peak RSS [\d.]+ [kMG]?B, wrote [\d.]+ [kMG]?B\)"
+# explain on a built stage: "up to date (cost 6 s wall, 6 s CPU, peak RSS 390.4 MiB, wrote 328.1 KiB)"
+UP_TO_DATE = r"up to date \(cost \d+ s wall, \d+ s CPU, peak RSS [\d.]+ (?:[KMG]i)?B, wrote [\d.]+ (?:[KMG]i)?B\)"
 
 def built(out: str) -> list[str]:
     return re.findall(r"kiln: \S+:(\S+): built ", out)
