@@ -45,11 +45,12 @@ def run_on_ray(spec: StageSpec, store: Store, settings: Settings) -> str:
 
     _connect(settings)
     resources = settings.node_resources(spec.stage)
-    _check_cluster_offers(spec, resources)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    _check_cluster_offers(spec, resources, nodes)
     threads = {k: os.environ.get(k) for k in THREAD_VARS}
     task = ray.remote(_run_stage).options(
         name=spec.task_name, num_cpus=1, memory=spec.memory or None, resources=resources or None,
-        max_retries=NODE_FAILURE_RETRIES, retry_exceptions=False, **_placement(resources, settings))
+        max_retries=NODE_FAILURE_RETRIES, retry_exceptions=False, **_placement(resources, settings, nodes))
     try:
         result = ray.get(task.remote(spec, str(store.root), settings, threads))
     except ray.exceptions.RayTaskError as e:
@@ -122,32 +123,28 @@ def _connect(settings: Settings) -> None:
         raise StageFailed(f"Ray cluster {settings.ray_address}: cannot connect ({str(e).splitlines()[0][:200]})") from None
 
 
-def _placement(resources: dict[str, float], settings: Settings) -> dict[str, Any]:
-    """A stage that asks for no custom resource prefers the nodes that offer none of the ones Kiln
-    routes stages by (`calibration` nodes are kept for calibration): soft affinity to one of them,
-    taken in turn, so it still runs elsewhere when none is left. Ray alone would pack it anywhere."""
-    import ray
+_TURN = itertools.count()  # plain nodes are taken in turn
+
+
+def _placement(resources: dict[str, float], settings: Settings, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """A stage that asks for no custom resource prefers the live nodes that offer none of the ones
+    Kiln routes stages by (`calibration` nodes are kept for calibration): soft affinity to one of
+    them, so it still runs elsewhere when none is left. Ray alone would pack it anywhere."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     routed = {name for _, wanted in settings.ray_resources for name, _ in wanted}
     if resources or not routed:
         return {}
-    plain = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1
-                   and not routed & set(n["Resources"]))
+    plain = sorted(n["NodeID"] for n in nodes if n["Resources"].get("CPU", 0) >= 1 and not routed & set(n["Resources"]))
     if not plain:
         return {}
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=plain[next(_TURN) % len(plain)], soft=True)}
 
 
-_TURN = itertools.count()
-
-
-def _check_cluster_offers(spec: StageSpec, resources: dict[str, float]) -> None:
+def _check_cluster_offers(spec: StageSpec, resources: dict[str, float], nodes: list[dict[str, Any]]) -> None:
     """Fail now, naming what is missing, rather than wait forever for a node that does not exist."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    fits = [r for r in nodes if r.get("CPU", 0) >= 1 and all(r.get(k, 0) >= v for k, v in resources.items())]
+    offers = [n["Resources"] for n in nodes]
+    fits = [r for r in offers if r.get("CPU", 0) >= 1 and all(r.get(k, 0) >= v for k, v in resources.items())]
     if not fits:
         want = ", ".join(f"{k}={v:g}" for k, v in {"CPU": 1, **resources}.items())
         raise StageFailed(f"{spec.task_name}: no live node of the Ray cluster offers {want} (start one with "

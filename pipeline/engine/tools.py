@@ -62,15 +62,22 @@ def _import_path_signature() -> str:
                     if p.endswith(("site-packages", "dist-packages")) and os.path.isdir(p))
 
 
+@cache
+def _known(file: Path) -> dict[str, str]:
+    """The remembered answers, read once per process (every fingerprint of a plan asks)."""
+    try:
+        known = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
 def _remembered(sig: str, probe: Callable[[], str]) -> str:
     """`probe()`, remembered on disk under `sig` (what the answer depends on, as stat signatures): a
     no-op `doit` must not spawn `gcc --version` and friends, or scan every installed distribution's
     metadata, each time."""
     file = _probes()
-    try:
-        known = json.loads(file.read_text())
-    except (OSError, ValueError):
-        known = {}
+    known = _known(file)
     if sig not in known:
         known[sig] = probe()
         for stale in list(known)[:-PROBES_KEPT]:  # answers for tools and installs long gone
