@@ -22,6 +22,7 @@ STAGES: dict[str, str] = {
     # backend-neutral
     "model": "pipeline.generic.model",
     "text": "pipeline.generic.text",
+    "reference": "pipeline.generic.reference",
     "bundle": "pipeline.generic.bundle",
     # Qualcomm: ONNX export, PTQ, HTP context binaries, Genie
     "qnn.export": "pipeline.qnn.export",
@@ -29,6 +30,7 @@ STAGES: dict[str, str] = {
     "qnn.compile": "pipeline.qnn.compile",
     "qnn.genie_config": "pipeline.qnn.genie_config",
     "qnn.verify": "pipeline.qnn.verify",
+    "qnn.perplexity": "pipeline.qnn.perplexity",
     "qnn.package": "pipeline.qnn.package",
     # llama.cpp: static builds for Arm boards, GGUF variants
     "llamacpp.source": "pipeline.llamacpp.source",
@@ -44,10 +46,12 @@ STAGES: dict[str, str] = {
     "mnn.export": "pipeline.mnn.export",
     "mnn.config": "pipeline.mnn.config",
     "mnn.verify": "pipeline.mnn.verify",
+    "mnn.perplexity": "pipeline.mnn.perplexity",
     "mnn.package": "pipeline.mnn.package",
     # hand-written int8 runtimes (KuiperLLama's format)
     "kuiper.export": "pipeline.kuiper.export",
     "kuiper.verify": "pipeline.kuiper.verify",
+    "kuiper.perplexity": "pipeline.kuiper.perplexity",
     "kuiper.package": "pipeline.kuiper.package",
 }
 

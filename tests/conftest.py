@@ -133,6 +133,7 @@ def tiny_project(project: Project, tiny_model_dir: Path) -> Project:
           hf_dir: {tiny_model_dir}
         target: x86_64
         scheme: fp32
+        eval: {{perplexity: {{window: 32, windows: 2}}}}
         """)
     project.write("tiny.yaml", """\
         # a tiny recipe for tests

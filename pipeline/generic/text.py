@@ -64,7 +64,7 @@ class Text(Stage):
     version = 2  # 2: text.json holds the text's size only, not its source spec
     Params = NoParams
 
-    runtimes = ("llama.cpp", "genie")  # those whose stages calibrate or evaluate on text
+    runtimes = ("llama.cpp", "genie", "mnn", "kuiper")  # those whose stages calibrate or evaluate on text
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""report: the recipe's results in one place — perplexity table (float vs each quant
-type, held-out text) and the emulated completion — as report.md and report.json; the emulated
+"""report: the recipe's results in one place — perplexity table (the float reference and each
+GGUF on the shared protocol's windows) and the emulated completion — as report.md and
+report.json; the emulated
 llama-bench figures go to bench.md / bench.json in ctx.info, outside the output (they differ on
 every build)."""
 from __future__ import annotations
@@ -14,28 +15,18 @@ if TYPE_CHECKING:
     from pipeline.recipe.load import Recipe
 
 
-def ppl_table(rows: list[dict[str, Any]]) -> str:
-    base = next((r for r in rows if r["variant"] == "float"), None)
-    lines = ["| type | file | size (MB) | PPL | ± | Δ vs float |", "|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        delta = "—" if base is None or r is base else f"{(r['ppl'] / base['ppl'] - 1) * 100:+.2f}%"
-        lines.append(f"| {r['type']} | {r['file']} | {r['size_bytes'] / 1e6:.1f} | {r['ppl']:.4f} | "
-                     f"{r['ppl_err']:.4f} | {delta} |")
-    return "\n".join(lines)
-
-
 class LlamacppReport(LlamacppStage):
     """Evaluation report (report.md, report.json)."""
 
     name = REPORT
-    version = 3  # 2: bench figures unshipped; 3: bench figures in info
+    version = 4  # 2: bench figures unshipped; 3: bench figures in info; 4: the shared perplexity protocol
     Params = NoParams
     per_recipe = True
 
     @classmethod
     def inputs(cls, recipe: Recipe, variant: str = "") -> list[str]:
-        return [node_id(PERPLEXITY, v) for v in perplexity_variants(recipe)] + \
-               [node_id(VERIFY, v) for v in gguf_types(recipe)]
+        return ["reference", *(node_id(PERPLEXITY, v) for v in perplexity_variants(recipe)),
+                *(node_id(VERIFY, v) for v in gguf_types(recipe))]
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:
@@ -46,13 +37,17 @@ class LlamacppReport(LlamacppStage):
         return "report"
 
     def run(self, ctx: StageContext) -> None:
-        ppl = [json.loads((d / "perplexity.json").read_text()) for n, d in ctx.inputs.items() if n.startswith(PERPLEXITY)]
+        from pipeline.evaluation.logprobs import load_summary
+        from pipeline.evaluation.quality import float_row, quality_table, read_quality
+
+        summary = load_summary(ctx.inputs["reference"])
+        ppl = [read_quality(d) for n, d in ctx.inputs.items() if n.startswith(PERPLEXITY)]
         runs = [json.loads((d / "verify.json").read_text()) for n, d in ctx.inputs.items() if n.startswith(VERIFY)]
         p = ctx.params
-        ctx_size, chunks = (ppl[0]["ctx_size"], ppl[0]["chunks"]) if ppl else (0, 0)
         md = [f"# {ctx.recipe_name}: {p['model']} on {p['target']}", "",
-              f"## Perplexity (held-out text, {chunks} windows of {ctx_size} tokens, host llama-perplexity)", "",
-              ppl_table(ppl), ""]
+              f"## Perplexity (held-out text: {summary['windows']} windows of {summary['window']} tokens, second "
+              "halves scored; KL divergence and top-1 agreement against the float model)", "",
+              quality_table([float_row(summary), *ppl], summary["float"]["ppl"]), ""]
         bench = {r["type"]: r.pop("bench") for r in runs}
         bench_md = [f"# {ctx.recipe_name}: llama-bench ({runs[0]['label'] if runs else ''})", "",
                     "| type | test | tokens | tokens/s |", "|---|---|---:|---:|",
@@ -60,7 +55,8 @@ class LlamacppReport(LlamacppStage):
         for r in runs:
             md += [f"## {r['type']}: completion ({r['label']})", "", "```", r["completion"].strip(), "```", ""]
         (ctx.out / "report.md").write_text("\n".join(md))
-        (ctx.out / "report.json").write_text(json.dumps({"perplexity": ppl, "verify": runs}, indent=2, sort_keys=True) + "\n")
+        (ctx.out / "report.json").write_text(json.dumps({"perplexity": ppl, "float": float_row(summary), "verify": runs},
+                                                        indent=2, sort_keys=True) + "\n")
         (ctx.info / "bench.md").write_text("\n".join(bench_md) + "\n")
         (ctx.info / "bench.json").write_text(json.dumps(bench, indent=2, sort_keys=True) + "\n")
         print("\n".join(md + [""] + bench_md))

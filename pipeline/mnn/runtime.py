@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from pipeline.recipe.load import Recipe
 
 RUNTIME = "mnn"  # the target runtime every stage here serves
-EXPORT, CONFIG, VERIFY = "mnn.export", "mnn.config", "mnn.verify"
-# mnn.config's settings that change the numbers (mnn.verify keys on them)
+EXPORT, CONFIG, VERIFY, PERPLEXITY = "mnn.export", "mnn.config", "mnn.verify", "mnn.perplexity"
+# mnn.config's settings that change the numbers (mnn.verify and mnn.perplexity key on them)
 NUMERIC_SETTINGS = ("precision", "memory", "quant_qkv")
 CONFIG_TEMPLATE = "mnn/config.json.j2"
 # Where config.json points, relative to its own directory (MNN's base_dir): mnn.export's files.
@@ -103,6 +103,20 @@ def host_config(config: dict[str, Any], threads: int) -> dict[str, Any]:
     return {**kept, "backend_type": "cpu", "thread_num": threads, "use_mmap": False, "kvcache_mmap": False}
 
 
+def numeric_settings(recipe: Recipe) -> dict[str, Any]:
+    """mnn.config's settings that change the numbers: what the stages running the engine key on."""
+    runtime = recipe.stage_params(CONFIG)
+    return {k: runtime[k] for k in NUMERIC_SETTINGS}
+
+
+def greedy_host_config(numeric: dict[str, Any]) -> dict[str, Any]:
+    """The config a host check loads: the numeric settings, greedy sampling, this machine's threads."""
+    from pipeline.engine.proc import threads
+
+    greedy = MnnConfigParams(sampler={"type": "greedy"}).model_dump(mode="json")
+    return host_config(render_config({**greedy, **numeric}), int(threads()))
+
+
 @dataclass
 class Greedy:
     tokens: list[int]
@@ -143,6 +157,17 @@ class MnnLlm:
         t2 = time.perf_counter()
         self.llm.reset()
         return Greedy(tokens, last, t1 - t0, t2 - t1)
+
+    def teacher_forced(self, ids: list[int], first: int, n: int) -> Any:
+        """Logits [n, vocab] at positions first .. first+n-1 of `ids`: the prefix up to `first` in
+        one prefill, then the known next tokens one by one on the KV cache, as decoding runs."""
+        import numpy as np
+
+        self.llm.reset()
+        rows = [self.logits(ids[:first + 1])]
+        rows += [self.logits([t]) for t in ids[first + 1:first + n]]
+        self.llm.reset()
+        return np.stack(rows)
 
     def response(self, prompt: str, max_new_tokens: int) -> str:
         """The chat answer (MNN applies the export's chat template), sampled as config.json says:

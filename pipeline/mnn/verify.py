@@ -20,7 +20,7 @@ from pipeline.engine.errors import KilnError
 from pipeline.engine.fields import Prompt
 from pipeline.engine.stage import Stage, StageContext, Strict
 from pipeline.engine.templating import TEMPLATES
-from pipeline.mnn.runtime import CONFIG, CONFIG_TEMPLATE, EXPORT, NUMERIC_SETTINGS, RUNTIME, VERIFY, MnnConfigParams
+from pipeline.mnn.runtime import CONFIG_TEMPLATE, EXPORT, NUMERIC_SETTINGS, RUNTIME, VERIFY, numeric_settings
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -54,8 +54,7 @@ class MnnVerify(Stage):
 
     @classmethod
     def params(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:
-        runtime = recipe.stage_params(CONFIG)
-        return {**recipe.stage_params(cls.name), "runtime": {k: runtime[k] for k in NUMERIC_SETTINGS}}
+        return {**recipe.stage_params(cls.name), "runtime": numeric_settings(recipe)}
 
     @classmethod
     def sources(cls, recipe: Recipe, variant: str = "") -> dict[str, Any]:
@@ -76,12 +75,10 @@ class MnnVerify(Stage):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from pipeline.engine.proc import threads
-        from pipeline.mnn.runtime import host_config, loaded, render_config
+        from pipeline.mnn.runtime import greedy_host_config, loaded
 
         p = ctx.params
-        greedy = MnnConfigParams(sampler={"type": "greedy"}).model_dump(mode="json")
-        config = host_config(render_config({**greedy, **p["runtime"]}), int(threads()))
+        config = greedy_host_config(p["runtime"])
         tokenizer = AutoTokenizer.from_pretrained(ctx.inputs["model"])
         ids = tokenizer(p["prompt"])["input_ids"]
         hf = AutoModelForCausalLM.from_pretrained(ctx.inputs["model"], dtype=torch.float32).eval()

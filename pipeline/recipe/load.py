@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pipeline.engine.errors import RecipeError, did_you_mean
 from pipeline.engine.fields import OneLine
 from pipeline.engine.settings import Settings
-from pipeline.recipe.schema import ALIAS_PATTERN, ModelSpec, SchemeSpec, TargetSpec, TextSpec
+from pipeline.recipe.schema import ALIAS_PATTERN, EvalSpec, ModelSpec, SchemeSpec, TargetSpec, TextSpec
 from pipeline.recipe.yamlpos import FieldPath, Location, deep_merge, format_path, load_located
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ def recipe_model(stages: tuple[type[Stage], ...]) -> type[BaseModel]:
         ar_lengths=(list[Annotated[int, Field(ge=1)]], Field([128, 1], min_length=1,
                                      description="AR (tokens per step) variants: prefill and decode graphs.")),
         text=(TextSpec, Field(default_factory=TextSpec, description="Calibration and evaluation text.")),
+        eval=(EvalSpec, Field(default_factory=EvalSpec, description="Evaluation: perplexity protocol, tasks, latency.")),
         stages=(stage_params, Field(default_factory=stage_params, description="Per-stage settings, by stage name.")),
     )
 

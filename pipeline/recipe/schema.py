@@ -166,6 +166,23 @@ class TextSpec(Strict):
                                    description="Held-out evaluation text (perplexity); must not overlap calibration.")
 
 
+class PerplexityProtocol(Strict):
+    """How every backend's perplexity is measured: the same token ids, windows and scoring rule."""
+
+    window: int = Field(512, ge=16, le=16384, description="Tokens per window (llama-perplexity's -c): the evaluation "
+                        "text, tokenized once by the model's tokenizer, is cut into windows of this many tokens (the first "
+                        "replaced by BOS when the tokenizer adds one); the second half of each window is scored. At most "
+                        "the recipe's context_length on backends with a fixed context (Qualcomm).")
+    windows: int = Field(8, ge=1, le=1024, description="Windows scored, from the start of the evaluation text.")
+
+
+class EvalSpec(Strict):
+    """How the recipe's variants are evaluated (quality table, report)."""
+
+    perplexity: PerplexityProtocol = Field(default_factory=PerplexityProtocol,
+                                           description="The perplexity protocol shared by every backend.")
+
+
 class Override(Strict):
     match: str = Field(max_length=200, description="Regex over tensor/op names, e.g. `lm_head|embed_tokens`.")
     weights: WeightQuant | None = Field(None, description="Weight quantization for matches.")

@@ -95,3 +95,14 @@ def peak_estimate(recipe: Recipe, what: str) -> int | None:
         return None
     base, per = PEAK[what]
     return int(base + per * n)
+
+
+def streamed_float_peak(recipe: Recipe) -> int | None:
+    """The float reference run one decoder layer at a time (pipeline/generic/layers.py): the
+    interpreter, the embedding and LM head in float32, one layer and a window's logits."""
+    s = _shape(recipe)
+    if s is None:
+        return None
+    tables = s["vocab"] * s["hidden"] * (2 - s["tied"])
+    window = recipe.spec.eval.perplexity.window
+    return int(2 * GB + 4 * (tables + s["per_layer"] + 3 * window * s["vocab"]))

@@ -152,6 +152,12 @@ def test_stage_exports_and_verifies_the_tiny_llama_and_refuses_a_4bit_scheme(tin
                               "max_seq_len": 128, "group_size": 64, "shared_classifier": True}
     report = json.loads((out / "kuiper.verify" / "verify.json").read_text())
     assert report["layout"]["max_abs_diff_vs_hf_same_int8"] < 1e-5 and report["layout"]["top1_agreement"] == 1.0
+    # the shared perplexity protocol on the file as read: int8 groups of 64 stay near the float model
+    ppl = json.loads((out / "kuiper.perplexity" / "perplexity.json").read_text())
+    reference = json.loads((out / "reference" / "reference.json").read_text())
+    assert ppl["tokens_scored"] == reference["float"]["tokens_scored"] == 30
+    assert ppl["kld"] < 1e-3 and abs(ppl["ppl"] / reference["float"]["ppl"] - 1) < 0.01
+    assert ppl["size_bytes"] == (out / "kuiper.export" / "model_int8.bin").stat().st_size
     shipped = sorted(p.name for p in (out / "bundle" / "to_device").iterdir())
     assert {"model_int8.bin", "kuiper.json", "tokenizer.json", "report", "README.md"} <= set(shipped)
     readme = (out / "bundle" / "to_device" / "README.md").read_text()

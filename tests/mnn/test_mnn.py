@@ -58,6 +58,7 @@ RECIPE = """\
 model: {name: tiny-bpe, hf_dir: MODEL}
 target: mnn_arm
 scheme: {use: mnn_int4_b64, weights: {bits: 4, granularity: per-block, block_size: BLOCK, symmetric: false}}
+eval: {perplexity: {window: 32, windows: 2}}
 stages:
   mnn.config: {thread_num: THREADS}
   mnn.verify: {chat: The capital of Germany is, chat_tokens: 4, min_cosine: 0.5, match_tokens: 1}
@@ -93,6 +94,12 @@ def test_stages_on_the_tiny_llama_and_a_thread_tweak_reruns_only_the_config(tiny
     assert verify["runtime"]["sampler_type"] == "greedy"  # the answer in the README is reproducible
     assert verify["logits_cosine"] >= 0.5 and verify["matching_prefix"] >= 1
     assert json.loads((out / "mnn.verify" / "timings.json").read_text())["decode_tokens_per_s"] > 0
+    # the shared perplexity protocol through MNN's engine: 2 windows of 32, 15 scored positions each
+    ppl = json.loads((out / "mnn.perplexity" / "perplexity.json").read_text())
+    reference = json.loads((out / "reference" / "reference.json").read_text())
+    assert ppl["backend"] == "mnn" and ppl["tokens_scored"] == 30 == reference["float"]["tokens_scored"]
+    assert 0 < ppl["kld"] < 1 and ppl["same_top_pct"] > 50  # 4-bit weights: close to the float model, not equal
+    assert abs(ppl["ppl"] / reference["float"]["ppl"] - 1) < 0.5
     to_device = out / "bundle" / "to_device"
     assert json.loads((to_device / "config.json").read_text())["thread_num"] == 4
     assert {"llm.mnn", "llm.mnn.weight", "tokenizer.mtok", "llm_config.json", "report", "run.sh"} <= \

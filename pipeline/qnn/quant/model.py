@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pipeline.engine.progress import progress
+from pipeline.generic.layers import layer0_inputs, layer_output
 from pipeline.qnn.quant import algorithms
 from pipeline.qnn.quant.checkpoint import LayerCheckpoints
 from pipeline.qnn.quant.grid import Grid, quantize
@@ -52,43 +53,6 @@ def quantizable(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear]]
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and (".layers." in name or name.endswith("lm_head")):
             yield name, module
-
-
-class _Reached(Exception):
-    """Stops a forward pass once decoder layer 0's inputs are captured."""
-
-
-def _to(obj: Any, device: str) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
-def layer0_inputs(model: torch.nn.Module, batches: list[torch.Tensor], device: str) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """(hidden states, keyword arguments: RoPE cos/sin, mask, positions) entering decoder layer 0, per batch."""
-    seen: list[tuple[torch.Tensor, dict[str, Any]]] = []
-
-    def grab(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        seen.append(_to((hidden, kwargs), device))
-        raise _Reached
-
-    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for ids in batches:
-                try:
-                    model(ids, use_cache=False)
-                except _Reached:
-                    pass
-    finally:
-        handle.remove()
-    return seen
 
 
 class HessianTap:
@@ -202,7 +166,7 @@ def quantize_weights(model: torch.nn.Module, scheme: dict[str, Any], algorithm: 
                     layer(hidden, **kwargs)
             done_here = [_quantize_one(n, m, g, algorithm, tap.h[n], device) for n, (m, g) in mine.items()]
             rows += done_here
-            states = [(_first(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
+            states = [(layer_output(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
             layer.to("cpu")
             if saved is not None:
                 saved.save(i, done_here, {n: m for n, (m, _) in mine.items()}, [h for h, _ in states])
@@ -213,10 +177,6 @@ def quantize_weights(model: torch.nn.Module, scheme: dict[str, Any], algorithm: 
             norm.to("cpu")
             rows += [_quantize_one(n, m, g, algorithm, h, device) for n, (m, g) in heads.items()]
     return rows
-
-
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
 
 
 def quant_param(name: str, w: torch.Tensor, grid: Grid, scale: torch.Tensor, zero: torch.Tensor,
