@@ -98,7 +98,7 @@ class LlamacppPerplexity(LlamacppStage):
             raise KilnError(f"llama-perplexity read the reference's perplexity as {base:.4f}, Kiln wrote "
                             f"{summary['float']['ppl_base']:.4f}: the file was misread")
         label = f"{ctx.params['type']} GGUF, llama.cpp (host CPU)"
-        row = quality_row("llama.cpp", ctx.variant, label, model.name, model.stat().st_size, stats, summary)
+        row = quality_row("llama.cpp", ctx.params["type"], label, model.name, model.stat().st_size, stats, summary)
         row["type"] = ctx.params["type"]
         write_quality(ctx.out, row)
         ctx.log.info(f"{model.name}: PPL {stats['ppl']:.4f} ± {stats['ppl_err']:.4f}, KLD vs float "

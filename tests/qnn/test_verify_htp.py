@@ -17,7 +17,7 @@ RECIPE = tiny_htp_recipe({"qnn.compile": "{finalization_level: 1}", "qnn.verify"
 
 def test_simulator_and_genie_agree_with_the_float_model(tiny_htp_project):
     tiny_htp_project.write("tv.yaml", RECIPE)
-    tiny_htp_project.doit("recipe=tv", "tv:qnn.verify")
+    tiny_htp_project.doit("recipe=tv", "tv:qnn.verify", "tv:qnn.perplexity")
     out = tiny_htp_project.artifacts / "tv" / "qnn.verify"
     report = json.loads((out / "verify.json").read_text())
     n = report["numerics"]
@@ -33,6 +33,13 @@ def test_simulator_and_genie_agree_with_the_float_model(tiny_htp_project):
     assert dialog["engine"]["model"]["binary"]["ctx-bins"] == ["tiny-llama_ar16_cl64_qnn.bin", "tiny-llama_ar1_cl64_qnn.bin"]
     assert (out / "genie.log").exists()
     assert "| simulator vs cpu qdq | 1.000 |" in (out / "report.md").read_text()
+    # the shared perplexity protocol on the QDQ graph (AR-16 steps over windows of 32 in a context of 64)
+    ppl = json.loads((out.parent / "qnn.perplexity" / "perplexity.json").read_text())
+    reference = json.loads((out.parent / "reference" / "reference.json").read_text())
+    assert ppl["tokens_scored"] == reference["float"]["tokens_scored"] == 30
+    assert ppl["kld"] < 0.05 and ppl["same_top_pct"] >= 80 and abs(ppl["ppl"] / reference["float"]["ppl"] - 1) < 0.1
+    compiled = out.parent / "qnn.compile"
+    assert ppl["size_bytes"] == sum(b.stat().st_size for b in compiled.rglob("*.bin")) > 0
 
 
 @pytest.mark.slow  # 60-90 s: compile, simulator and Genie over four part graphs
@@ -42,7 +49,7 @@ def test_a_model_cut_in_two_parts_runs_on_the_simulator_and_in_genie(tiny_htp_pr
     every part, answers like the float model (and like the uncut build)."""
     tiny_htp_project.write("split.yaml", RECIPE.replace("{finalization_level: 1}", "{finalization_level: 1, num_splits: 2}"))
     tiny_htp_project.write("tv.yaml", RECIPE)
-    tiny_htp_project.doit("recipe=tv", "tv:qnn.verify")
+    tiny_htp_project.doit("recipe=tv", "tv:qnn.verify", "tv:qnn.perplexity")
     tiny_htp_project.doit("recipe=split", "split:qnn.verify", "split:qnn.genie_config", "split:qnn.package")
     compiled = tiny_htp_project.artifacts / "split" / "qnn.compile"
     io = json.loads((compiled / "io.json").read_text())

@@ -1,0 +1,60 @@
+"""Task scoring: answer extraction and normalisation, the prompt variants, the problem file's
+checks (bad lines named), the Wilson interval."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.engine.errors import KilnError
+from pipeline.evaluation.tasks import correct, extract, load_problems, normalise, user_prompt, wilson
+
+
+@pytest.mark.parametrize(("text", "answer", "right"), [
+    ("Step 1: 3+4=7. So the answer is \\boxed{7}.", "7", True),
+    ("Quick answer: \\boxed{5}. Verification: 2+4 = 6, so \\boxed{6}", "6", True),   # the last box counts
+    ("He pays $1,250.00 in total.", "1250", True),                                 # no box: the last number
+    ("\\boxed{\\$1,250}", "1250", True),
+    ("\\boxed{\\frac{3}{4}}", "0.75", True),
+    ("\\boxed{12\\%}", "12", True),
+    ("\\boxed{42 apples}", "42", True),
+    ("The answer is \\boxed{4", "4", True),        # cut off inside the box: its digits, as Qwen2.5-Math's scorer
+    ("I think it is 8. Final: \\boxed{9}", "8", False),
+    ("no number here", "3", False),
+])
+def test_answers_are_extracted_and_compared_as_numbers(text, answer, right):
+    assert correct(text, answer) is right
+
+
+def test_truncated_box_falls_back_to_the_last_number_of_the_text():
+    assert extract("so 3 + 4 = 7, the answer is \\boxed{7") == "7"
+    assert normalise("1,000,000") == 1e6 and normalise("-.5") == -0.5 and normalise("abc") is None
+
+
+def test_budget_aware_prompt_states_half_the_budget_and_the_others_do_not():
+    assert user_prompt("budget_aware", "What is 2+2?", 128).endswith("You MUST respond in **UNDER 64 tokens**")
+    assert user_prompt("step_by_step", "What is 2+2?", 128) == "What is 2+2?"
+
+
+def test_problem_file_lines_are_checked(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join([json.dumps({"question": "What is 2+3?", "answer": 5}),
+                               json.dumps({"question": "Half of 9?", "answer": "4.5"})]) + "\n")
+    assert [p.answer for p in load_problems(path, "p.jsonl")] == ["5", "4.5"]
+    for line, problem in [("{not json", r"p.jsonl:2: not JSON"),
+                          (json.dumps({"question": "", "answer": 1}), r"p.jsonl:2: question"),
+                          (json.dumps({"question": "Q?", "answer": "many"}), r"p.jsonl:2: answer: a number"),
+                          (json.dumps({"question": "Q?", "answer": True}), r"p.jsonl:2: answer"),
+                          (json.dumps(["Q?", 1]), r"p.jsonl:2: a problem is an object")]:
+        path.write_text(json.dumps({"question": "What is 2+3?", "answer": 5}) + "\n" + line + "\n")
+        with pytest.raises(KilnError, match=problem):
+            load_problems(path, "p.jsonl")
+    path.write_text("\n\n")
+    with pytest.raises(KilnError, match="no problems"):
+        load_problems(path, "p.jsonl")
+
+
+def test_wilson_interval():
+    low, high = wilson(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
