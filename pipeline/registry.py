@@ -23,6 +23,7 @@ STAGES: dict[str, str] = {
     "model": "pipeline.generic.model",
     "text": "pipeline.generic.text",
     "reference": "pipeline.generic.reference",
+    "report": "pipeline.generic.report",
     "bundle": "pipeline.generic.bundle",
     # Qualcomm: ONNX export, PTQ, HTP context binaries, Genie
     "qnn.export": "pipeline.qnn.export",
@@ -40,6 +41,7 @@ STAGES: dict[str, str] = {
     "llamacpp.quantize": "pipeline.llamacpp.quantize",
     "llamacpp.perplexity": "pipeline.llamacpp.perplexity",
     "llamacpp.verify": "pipeline.llamacpp.verify",
+    "llamacpp.tasks": "pipeline.llamacpp.tasks",
     "llamacpp.report": "pipeline.llamacpp.report",
     "llamacpp.package": "pipeline.llamacpp.package",
     # MNN

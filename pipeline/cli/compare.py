@@ -40,7 +40,8 @@ def recipe_quality(name: str, settings: Settings) -> tuple[str, dict[str, Any], 
 
 def compare(names: list[str], settings: Settings, out_dir: Path) -> tuple[Path, str]:
     """Write the page; return it and the Markdown tables printed for the terminal."""
-    from pipeline.evaluation.html import esc, figure, size_vs_ppl, table, write_page
+    from pipeline.evaluation.html import esc, figure, table, write_page
+    from pipeline.evaluation.plots import size_vs_ppl
     from pipeline.evaluation.quality import float_row, quality_table
 
     groups: dict[str, tuple[dict[str, Any], list[dict[str, Any]], list[str]]] = {}

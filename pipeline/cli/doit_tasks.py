@@ -14,6 +14,7 @@ from typing import Any
 
 from doit.exceptions import TaskFailed
 
+from pipeline.cli.build_page import write_build_page
 from pipeline.cli.costs import write_page
 from pipeline.engine.errors import KilnError
 from pipeline.engine.plan import StageSpec, plan
@@ -81,6 +82,8 @@ def _action(spec: StageSpec, specs: list[StageSpec], settings: Settings) -> Any:
             for line in headlines(specs):
                 say(line)
             say(f"stage costs: {settings.shown(write_page(spec.recipe, specs, settings))}")
+            if page := write_build_page(spec.recipe, specs, settings):
+                say(f"report: {settings.shown(page.with_name('index.html'))} (build details: {page.name})")
         return None
     return run
 

@@ -1,5 +1,5 @@
-"""Static HTML pages and their plots: no JavaScript, images as files beside the page (SVG from
-matplotlib with a fixed hash salt and no date, so the same figures give the same bytes)."""
+"""Static HTML pages: no JavaScript, every value escaped, images as files beside the page
+(pipeline/evaluation/plots.py draws them)."""
 from __future__ import annotations
 
 import html
@@ -10,7 +10,6 @@ STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em aut
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.3em .6em}
 td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}caption{text-align:left;color:#555}
 img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;padding:0 .2em}"""
-BACKEND_COLORS = {"float": "#000000", "llama.cpp": "#1f77b4", "qnn": "#d62728", "mnn": "#2ca02c", "kuiper": "#9467bd"}
 
 
 def esc(value: Any) -> str:
@@ -39,40 +38,3 @@ def write_page(path: Path, title: str, body: list[str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(page(title, body), encoding="utf-8")
     tmp.replace(path)
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    matplotlib.rcParams["svg.hashsalt"] = "kiln"  # stable element ids: same figure, same bytes
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_svg(fig: Any, path: Path) -> None:
-    fig.savefig(path, format="svg", metadata={"Date": None}, bbox_inches="tight")
-    _pyplot().close(fig)
-
-
-def size_vs_ppl(rows: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Size on disk (log scale) against perplexity, one labelled point per variant, the float
-    model's perplexity as a dashed line."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in rows:
-        color = BACKEND_COLORS.get(r["backend"], "#7f7f7f")
-        mib = r["size_bytes"] / 2**20
-        ax.scatter(mib, r["ppl"], color=color, zorder=3)
-        if r.get("ppl_err"):
-            ax.errorbar(mib, r["ppl"], yerr=r["ppl_err"], color=color, alpha=0.3, zorder=2)
-        ax.annotate(r["name"], (mib, r["ppl"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        if r["backend"] == "float":
-            ax.axhline(r["ppl"], color=color, linestyle="--", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("size on disk (MiB, log scale)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    save_svg(fig, path)

@@ -143,3 +143,19 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def budget_curves(results: dict[str, dict], prompt: str) -> dict[str, list[tuple[float, float, float, float]]]:
+    """Per variant (quant type): (budget, accuracy, CI low, CI high) of one prompt variant."""
+    return {t: [(float(b), r["accuracy"], *r["ci95"]) for b, r in res["accuracy"][prompt].items()]
+            for t, res in results.items() if prompt in res["accuracy"]}
+
+
+def latency_curves(results: dict[str, dict], prompt: str, latency: dict) -> tuple[dict, str, list[str]]:
+    """Accuracy against generation time at equal latency: a budget of B tokens takes B / speed of
+    each variant. Returns (curves, x-axis label, variants left out for want of a speed)."""
+    speeds = latency["tokens_per_s"] or latency["relative_speed"]
+    unit = "seconds of generation" if latency["tokens_per_s"] else "generation time (one token of the slowest variant = 1)"
+    curves = {t: [(b / speeds[t], a, lo, hi) for b, a, lo, hi in points]
+              for t, points in budget_curves(results, prompt).items() if t in speeds}
+    return curves, unit, sorted(t for t in results if t not in speeds)

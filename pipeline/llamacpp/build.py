@@ -21,7 +21,7 @@ from pipeline.engine.fields import CmakeDefine, Token
 from pipeline.engine.proc import run_tool
 from pipeline.engine.stage import StageContext, Strict
 from pipeline.engine.templating import TEMPLATES
-from pipeline.llamacpp.common import BUILD, SOURCE, SOURCE_INFO, LlamacppStage
+from pipeline.llamacpp.common import BUILD, SOURCE, SOURCE_INFO, TASK_RUNNER, LlamacppStage
 from pipeline.llamacpp.elf import describe
 
 if TYPE_CHECKING:
@@ -85,6 +85,8 @@ class LlamacppBuild(LlamacppStage):
         cpu = recipe.target.cpu
         host = variant == "host"
         tools = own["host_tools"] if host else own["device_tools"]
+        if host and recipe.spec.eval.tasks and TASK_RUNNER not in tools:
+            tools = [*tools, TASK_RUNNER]  # llamacpp.tasks generates the answers on the host build
         arch = "x86_64" if host else cpu.arch
         return {
             "arch": arch, "tools": tools, "static": not host, "triple": None if host else CROSS_TRIPLE.get(arch),

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 RUNTIME = "llama.cpp"  # the target runtime every stage here serves
 SOURCE, BUILD, CONVERT, IMATRIX = "llamacpp.source", "llamacpp.build", "llamacpp.convert", "llamacpp.imatrix"
 QUANTIZE, PERPLEXITY, VERIFY, REPORT = "llamacpp.quantize", "llamacpp.perplexity", "llamacpp.verify", "llamacpp.report"
+TASKS = "llamacpp.tasks"
+TASK_RUNNER = "llama-completion"  # the host tool llamacpp.tasks generates with
 HOST_BUILD = node_id(BUILD, "host")
 FLOAT = "float"  # the perplexity variant of the unquantized GGUF
 SOURCE_INFO = "kiln-source.json"  # llamacpp.source's record of the tree's commit

@@ -176,11 +176,64 @@ class PerplexityProtocol(Strict):
     windows: int = Field(8, ge=1, le=1024, description="Windows scored, from the start of the evaluation text.")
 
 
+class TasksSpec(Strict):
+    """Task accuracy under token budgets: problems with reference answers, run by each variant's
+    host runtime greedily with every prompt variant at every budget."""
+
+    problems: LocalPath = Field(description="A JSONL file of {\"question\": ..., \"answer\": number} records (relative "
+                                "paths from the repository root); its content enters the key. "
+                                "`recipes/tasks/kiln_arithmetic_demo.jsonl` is Kiln's own demo set (not GSM8K).")
+    label: OneLine = Field(min_length=1, description="What the problems are, shown with every figure (say if they are "
+                           "not a published benchmark).")
+    limit: int = Field(100, ge=1, le=10000, description="Problems used, from the start of the file.")
+    budgets: list[Annotated[int, Field(ge=8, le=8192)]] = Field(
+        [64, 128, 256], min_length=1, max_length=16,
+        description="Most generated tokens per answer. Prompts that state no budget are generated once at the "
+                    "largest and cut to each smaller one; the budget-aware prompt is generated once per budget.")
+    prompts: list[Literal["step_by_step", "answer_and_verify", "budget_aware"]] = Field(
+        ["step_by_step", "answer_and_verify", "budget_aware"], min_length=1,
+        description="Prompt variants: step-by-step reasoning; a quick answer then a verified one; the latter plus "
+                    "\"You MUST respond in UNDER {budget/2} tokens\". Each ends with \\boxed{} for the answer.")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, value: list[int]) -> list[int]:
+        if sorted(set(value)) != value:
+            raise ValueError("budgets must be increasing, without repeats")
+        return value
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("prompts must not repeat")
+        return value
+
+
+class LatencySpec(Strict):
+    """How fast each variant generates on the device: measured tokens/s or speed ratios, with where they
+    come from (never emulated timings)."""
+
+    source: OneLine = Field(min_length=10, description="Where the figures were measured (device, tool, model, date).")
+    tokens_per_s: dict[Token, Annotated[float, Field(gt=0, le=1e5)]] | None = Field(
+        None, description="Generation tokens/s per variant on the device (GGUF type names).")
+    relative_speed: dict[Token, Annotated[float, Field(gt=0, le=1e3)]] | None = Field(
+        None, description="Generation speed per variant relative to the slowest (e.g. {Q2_K: 2.73, Q8_0: 1}).")
+
+    @model_validator(mode="after")
+    def _one(self) -> LatencySpec:
+        if (self.tokens_per_s is None) == (self.relative_speed is None):
+            raise ValueError("give exactly one of tokens_per_s, relative_speed")
+        return self
+
+
 class EvalSpec(Strict):
     """How the recipe's variants are evaluated (quality table, report)."""
 
     perplexity: PerplexityProtocol = Field(default_factory=PerplexityProtocol,
                                            description="The perplexity protocol shared by every backend.")
+    tasks: TasksSpec | None = Field(None, description="Task accuracy under token budgets (off when unset).")
+    latency: LatencySpec | None = Field(None, description="Device speed of each variant, for accuracy at equal latency.")
 
 
 class Override(Strict):
