@@ -28,7 +28,7 @@ _INSTALL_HINT = "run `bash setup.sh` (installs Kiln's Python dependencies into .
 APT_HINT = {
     "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu", "aarch64-linux-gnu-g++": "g++-aarch64-linux-gnu",
     "qemu-aarch64-static": "qemu-user-static", "gcc": "gcc", "g++": "g++", "cmake": "cmake",
-    "bible": "bible-kjv", "ccache": "ccache", "make": "make",
+    "bible": "bible-kjv", "ccache": "ccache", "make": "make", "dot": "graphviz",
 }
 
 

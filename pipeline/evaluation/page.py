@@ -6,6 +6,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from pipeline.engine.proc import run_tool
+from pipeline.engine.tools import require_exe
 from pipeline.evaluation.html import esc, figure, table, write_page
 from pipeline.evaluation.logprobs import load_summary
 from pipeline.evaluation.plots import accuracy_curves, size_vs_ppl
@@ -32,7 +33,7 @@ def stage_graph(graph: list[list[Any]], tmp: Path, out: Path) -> None:
     lines += [f"  {_quote(src)} -> {_quote(node)};" for node, inputs in graph for src in inputs]
     dot = tmp / "graph.dot"
     dot.write_text("\n".join(lines + ["}"]) + "\n")
-    run_tool(["dot", "-Tsvg", dot, "-o", out])
+    run_tool([require_exe("dot"), "-Tsvg", dot, "-o", out])
 
 
 def _summary(ctx: StageContext, p: dict[str, Any], reference: dict[str, Any]) -> list[str]:

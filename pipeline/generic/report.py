@@ -29,7 +29,7 @@ class Report(Stage):
     name = "report"
     version = 1
     Params = NoParams
-    tools = ("python", "matplotlib", "exe:dot")
+    tools = ("python", "matplotlib", "deb:graphviz")
     runtimes = EVALUATED_RUNTIMES
     per_recipe = True
 

@@ -37,5 +37,16 @@ def test_two_recipes_on_one_model_share_one_ranked_table_and_plot(tiny_project):
     compare(tiny_project, "k64", "k32")
     assert (tiny_project.artifacts / "compare" / "quality-1.svg").read_bytes() == svg  # same figures, same bytes
 
+    # each recipe's own page: its table, its plot and its stage graph; build details beside it, not shipped
+    report = tiny_project.artifacts / "k64" / "report"
+    page = (report / "index.html").read_text()
+    assert page.count("<table>") == 2 and 'src="quality.svg"' in page and 'src="graph.svg"' in page
+    assert "kuiper.perplexity" in (report / "graph.svg").read_text()  # the stage graph names its stages
+    build = (report / "build.html").read_text()
+    assert "kuiper.export" in build and "action key" in build
+    shipped = tiny_project.artifacts / "k64" / "bundle" / "to_device" / "report"
+    assert (shipped / "index.html").read_bytes() == (report / "index.html").read_bytes()
+    assert not (shipped / "build.html").exists()
+
     none = compare(tiny_project, "tiny")
     assert none.returncode == 2 and re.search(r"recipe 'tiny' has no perplexity evaluation", none.stderr)
