@@ -14,12 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.engine.errors import KilnError
 from pipeline.engine.stage import NoParams, Stage, StageContext
+from pipeline.evaluation import EVALUATED_RUNTIMES
 
 if TYPE_CHECKING:
     from pipeline.recipe.load import Recipe
-
-EVALUATED_RUNTIMES = ("genie", "llama.cpp", "mnn", "kuiper")
-
 
 class Reference(Stage):
     """Float log-probabilities of the evaluation text (settings: the recipe's `eval.perplexity`)."""

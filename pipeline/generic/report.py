@@ -11,7 +11,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from pipeline.engine.stage import NoParams, Stage, StageContext, node_id, recipe_nodes
-from pipeline.generic.reference import EVALUATED_RUNTIMES
+from pipeline.evaluation import EVALUATED_RUNTIMES
 
 if TYPE_CHECKING:
     from pipeline.recipe.load import Recipe

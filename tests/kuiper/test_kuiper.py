@@ -179,4 +179,4 @@ def test_recipes_share_entries_except_the_ones_that_name_the_recipe(tiny_project
     for name in ("ka", "kb"):
         listing = tiny_project.doit("list", f"recipe={name}").stdout
         keys[name] = dict(re.findall(rf"^{name}:(\S+)\s+stage \S+ \(key (\w+)…\)", listing, re.M))
-    assert {s for s in keys["ka"] if keys["ka"][s] != keys["kb"][s]} == {"kuiper.package", "bundle"}
+    assert {s for s in keys["ka"] if keys["ka"][s] != keys["kb"][s]} == {"kuiper.package", "report", "bundle"}

@@ -36,14 +36,15 @@ def test_rk3568_recipe_plans_the_whole_graph():
     specs = {s.stage: s for s in plan(load_recipe("smollm2_135m_rk3568"))}
     for node in ("llamacpp.source", "llamacpp.convert", "llamacpp.build@host", "llamacpp.build@rk3568",
                  "llamacpp.quantize@Q4_K_M", "llamacpp.quantize@Q2_K", "llamacpp.quantize@Q8_0", "llamacpp.verify@Q2_K",
-                 "llamacpp.perplexity@float", "llamacpp.perplexity@Q8_0", "llamacpp.report", "llamacpp.package", "bundle"):
+                 "llamacpp.perplexity@float", "llamacpp.perplexity@Q8_0", "llamacpp.report", "llamacpp.package", "bundle",
+                 "reference", "report"):
         assert node in specs, node
     assert specs["llamacpp.build@rk3568"].material["params"]["cmake_args"][:1] == ["-DCMAKE_BUILD_TYPE=Release"]
     flags = specs["llamacpp.build@rk3568"].material["params"]["cmake_args"]
     assert "-DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16" in flags and "-DCMAKE_EXE_LINKER_FLAGS=-static" in flags
     assert "-DBUILD_SHARED_LIBS=OFF" in flags and "-DGGML_NATIVE=OFF" in flags and "-DLLAMA_CURL=OFF" in flags
     assert set(specs["bundle"].inputs) == {"llamacpp.build@rk3568", "llamacpp.quantize@Q4_K_M", "llamacpp.quantize@Q2_K",
-                                           "llamacpp.quantize@Q8_0", "llamacpp.report", "llamacpp.package"}
+                                           "llamacpp.quantize@Q8_0", "llamacpp.report", "report", "llamacpp.package"}
     assert "model" not in specs["bundle"].inputs  # the HF checkpoint does not go to the board
 
 

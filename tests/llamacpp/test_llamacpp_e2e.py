@@ -26,6 +26,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group(__name__)]  # one worker
 SHIPPED = "smollm2_135m_rk3568"
 RECIPE = "rk_ci"
 DEVICE_TOOLS = ["llama-completion", "llama-bench"]
+# 2 perplexity windows; 3 problems of the demo set at budgets of 16 and 32 tokens; the board's speed ratio
+EVAL = (f"eval:\n  perplexity: {{windows: 2}}\n  tasks: {{problems: {ROOT / 'recipes/tasks/kiln_arithmetic_demo.jsonl'}, "
+        "label: Kiln arithmetic demo (not GSM8K), limit: 3, budgets: [16, 32]}\n"
+        "  latency: {source: 'RK3568, Llama-3.1-8B, llama-cli 128 tokens: Q2_K 18.18 s, Q8_0 49.73 s', "
+        "relative_speed: {Q2_K: 2.73, Q8_0: 1.0}}\n")
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,7 @@ def rk(tmp_path_factory):
     project = new_project(tmp_path_factory.mktemp("rk") / "proj")
     for f in (f"{SHIPPED}.yaml", "_smollm2_135m.yaml"):
         shutil.copy(ROOT / "recipes" / f, project.recipes)
-    project.write(f"{RECIPE}.yaml", f"extends: {SHIPPED}\neval: {{perplexity: {{windows: 2}}}}\nstages:\n"
+    project.write(f"{RECIPE}.yaml", f"extends: {SHIPPED}\n{EVAL}stages:\n"
                   f"  llamacpp.build: {{device_tools: {DEVICE_TOOLS}}}\n  llamacpp.imatrix: {{chunks: 8}}\n"
                   "  llamacpp.verify: {bench_prompt: 8, bench_gen: 4}\n")
     store = Settings.from_env().store_dir()
@@ -106,9 +111,29 @@ def test_store_entries_are_untouched_by_the_build(rk, monkeypatch):
     project, _ = rk
     specs = plan(load_recipe(RECIPE, project.settings(monkeypatch)))
     outputs = {s.output for s in specs}
-    assert None not in outputs and len(specs) == 19
+    assert None not in outputs and len(specs) == 24
     checked, bad = verify(project.store.resolve(), only=outputs)
     assert checked == len(outputs) and bad == []
+
+
+def test_tasks_run_every_prompt_at_every_budget_and_the_report_draws_them(rk):
+    project, _ = rk
+    for gguf_type in ("Q4_K_M", "Q2_K", "Q8_0"):
+        out = project.artifacts / RECIPE / f"llamacpp.tasks@{gguf_type}"
+        tasks = json.loads((out / "tasks.json").read_text())
+        assert tasks["problems"] == 3 and set(tasks["accuracy"]) == {"step_by_step", "answer_and_verify", "budget_aware"}
+        for rows in tasks["accuracy"].values():
+            assert set(rows) == {"16", "32"} and all(r["n"] == 3 and 0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
+                                                     for r in rows.values())
+        answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+        assert len(answers) == 3 * 3 * 2 and all(a["tokens"] <= a["budget"] for a in answers)
+        cut = {(a["problem"], a["budget"]): a["text"] for a in answers if a["prompt"] == "step_by_step"}
+        assert all(cut[(i, 32)].strip().startswith(cut[(i, 16)].strip()[:20]) for i in range(3))  # one generation, cut at 16
+    report = project.artifacts / RECIPE / "report"
+    page = (report / "index.html").read_text()
+    figures = json.loads((report / "report.json").read_text())["figures"]
+    assert {"tasks-budget_aware.svg", "latency-step_by_step.svg", "graph.svg"} <= set(figures)
+    assert all(f'src="{f}"' in page for f in figures) and "No device speed stated for Q4_K_M" in page
 
 
 def test_imatrix_option_quantizes_with_calibration_text(rk):
