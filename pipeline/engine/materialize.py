@@ -7,6 +7,7 @@ half-written.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -53,7 +54,8 @@ def link_or_copy(src: Path, dst: Path, methods: tuple[str, ...] = ("reflink", "h
 
 def link_tree(src: Path, dst: Path, methods: tuple[str, ...] = METHODS, skip: tuple[str, ...] = ()) -> str:
     """Mirror `src` into `dst` (created, or merged into when it exists), less the top-level
-    entries named in `skip`; return the method used."""
+    entries named in `skip`; return the method used. A file already at a destination is an
+    error (FileExistsError), never overwritten: it may be a hard link into the store."""
     dst.mkdir(parents=True, exist_ok=True)
     usable = list(methods)
     for dirpath, dirnames, filenames in os.walk(src):
@@ -65,6 +67,8 @@ def link_tree(src: Path, dst: Path, methods: tuple[str, ...] = METHODS, skip: tu
             (dst / rel / d).mkdir(exist_ok=True)
         for name in filenames:
             s, d = Path(dirpath) / name, dst / rel / name
+            if os.path.lexists(d):
+                raise FileExistsError(errno.EEXIST, "already there", str(d))
             while True:
                 try:
                     _link_one(usable[0], s, d)

@@ -1,5 +1,6 @@
 """The report stage's page: pipeline/generic/report.py's inputs and params turned into
-report/index.html, its SVG figures and report.json (the same figures, machine-readable)."""
+report/index.html, its SVG figures and evaluation.json (the same figures, machine-readable; not
+report.json, which llamacpp.report ships into the same folder)."""
 from __future__ import annotations
 
 import json
@@ -117,5 +118,5 @@ def write_report(ctx: StageContext) -> None:
              '<p>When it was built, what each stage cost, the action keys and device runs: <a href="build.html">build.html</a> '
              "(in the workspace, rewritten after every build; not in the bundle).</p>"]
     write_page(ctx.out / "index.html", f"{ctx.recipe_name}: evaluation report", body)
-    (ctx.out / "report.json").write_text(json.dumps({"quality": ranked, "tasks": results, "figures": figures},
+    (ctx.out / "evaluation.json").write_text(json.dumps({"quality": ranked, "tasks": results, "figures": figures},
                                                     indent=2, sort_keys=True) + "\n")

@@ -84,7 +84,12 @@ class Bundle(Stage):
                 raise KilnError(f"bundle: {stage}'s entry does not match its manifest ({', '.join(bad[:5])}); "
                                 "run `doit verify` (quarantines it), then build again")
             place = p["places"][stage]
-            method = link_tree(src, to_device / place, ("reflink", "hardlink", "copy"))
+            try:
+                method = link_tree(src, to_device / place, ("reflink", "hardlink", "copy"))
+            except FileExistsError as e:
+                clash = Path(e.filename).relative_to(to_device)
+                raise KilnError(f"bundle: {stage} ships {clash}, which another stage put there already; "
+                                "two stages must not ship the same file") from None
             ctx.log.info(f"adding {stage} as {place}/ ({method})")
         from pipeline.engine.templating import render
 

@@ -54,5 +54,5 @@ class Report(Stage):
         from pipeline.evaluation.page import write_report
 
         write_report(ctx)
-        figures = json.loads((ctx.out / "report.json").read_text())["figures"]
+        figures = json.loads((ctx.out / "evaluation.json").read_text())["figures"]
         ctx.log.info(f"report: {PAGE} with {len(figures)} figures ({', '.join(figures)})")

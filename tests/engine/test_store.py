@@ -313,6 +313,22 @@ def test_link_tree_never_writes_through_an_existing_hard_link(tmp_path, method):
     assert (src / "weights.data").read_bytes() == b"x" * 4096
 
 
+def test_two_entries_shipping_the_same_file_name_are_refused_not_overwritten(tmp_path):
+    """Two store entries linked into one folder with the fallbacks a bundle uses: the second
+    file of the same name is refused (copy would have overwritten the first entry's hard link,
+    i.e. the first entry's file in the store)."""
+    from pipeline.engine.materialize import link_tree
+
+    first, second, bundle = tmp_path / "first", tmp_path / "second", tmp_path / "bundle"
+    for entry, data in ((first, b"first"), (second, b"second")):
+        entry.mkdir()
+        (entry / "report.json").write_bytes(data)
+    link_tree(first, bundle, ("reflink", "hardlink", "copy"))
+    with pytest.raises(FileExistsError):
+        link_tree(second, bundle, ("reflink", "hardlink", "copy"))
+    assert (first / "report.json").read_bytes() == b"first" == (bundle / "report.json").read_bytes()
+
+
 def test_publish_drops_tmp_and_refuses_anything_beside_out(tmp_path):
     """Scratch files go to tmp/ (dropped); a file a stage writes next to out/ would be published
     outside the manifest, unseen by verify: refused, nothing published, the scratch stays for gc."""

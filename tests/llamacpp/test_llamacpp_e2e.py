@@ -131,7 +131,7 @@ def test_tasks_run_every_prompt_at_every_budget_and_the_report_draws_them(rk):
         assert all(cut[(i, 32)].strip().startswith(cut[(i, 16)].strip()[:20]) for i in range(3))  # one generation, cut at 16
     report = project.artifacts / RECIPE / "report"
     page = (report / "index.html").read_text()
-    figures = json.loads((report / "report.json").read_text())["figures"]
+    figures = json.loads((report / "evaluation.json").read_text())["figures"]
     assert {"tasks-budget_aware.svg", "latency-step_by_step.svg", "graph.svg"} <= set(figures)
     assert all(f'src="{f}"' in page for f in figures) and "No device speed stated for Q4_K_M" in page
 
