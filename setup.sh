@@ -16,8 +16,9 @@ TORCH_REQ="torch==2.13.0"
 AIMET_REQ="aimet-onnx==2.42.0"
 # System packages Kiln's stages call: the aarch64 cross toolchain, qemu-user
 # (runs aarch64 binaries here), ccache (warm llama.cpp rebuilds), cmake, and
-# bible-kjv (public-domain KJV text for calibration/evaluation), graphviz (the report's stage graph).
-APT_PACKAGES=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user-static ccache cmake make bible-kjv graphviz)
+# bible-kjv (public-domain KJV text for calibration/evaluation), graphviz (the report's stage graph),
+# chromium (the test that loads the report page in a real browser).
+APT_PACKAGES=(gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user-static ccache cmake make bible-kjv graphviz chromium)
 
 log() { printf 'setup: %s\n' "$*"; }
 
