@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline.engine.errors import KilnError
 
@@ -159,3 +160,33 @@ def latency_curves(results: dict[str, dict], prompt: str, latency: dict) -> tupl
     curves = {t: [(b / speeds[t], a, lo, hi) for b, a, lo, hi in points]
               for t, points in budget_curves(results, prompt).items() if t in speeds}
     return curves, unit, sorted(t for t in results if t not in speeds)
+
+
+# A backend's greedy reply: (system prompt, user prompt, most tokens) → the reply's token ids
+# (the model's tokenizer's ids, at most that many).
+Generate = Callable[[str, str, int], list[int]]
+
+
+def run_tasks(problems: list[Problem], prompts: list[PromptVariant], budgets: list[int], generate: Generate,
+              decode: Callable[[list[int]], str], label: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Every problem with every prompt variant at every budget: (accuracy per prompt and budget
+    with 95% Wilson intervals, every reply). A prompt that states no budget is generated once at
+    the largest and cut to each smaller one; the budget-aware one once per budget."""
+    from pipeline.engine.progress import progress
+
+    answers, tally = [], {v: {b: [0, 0, 0] for b in budgets} for v in prompts}  # correct, n, tokens
+    for i, problem in progress(enumerate(problems), label, "problem", len(problems)):
+        for variant in prompts:
+            once = None if variant == "budget_aware" else generate(SYSTEM[variant], problem.question, budgets[-1])
+            for budget in budgets:
+                ids = once[:budget] if once is not None else \
+                    generate(SYSTEM[variant], user_prompt(variant, problem.question, budget), budget)
+                text = decode(ids)
+                right = correct(text, problem.answer)
+                row = tally[variant][budget]
+                row[0], row[1], row[2] = row[0] + right, row[1] + 1, row[2] + len(ids)
+                answers.append({"problem": i, "prompt": variant, "budget": budget, "tokens": len(ids),
+                                "extracted": extract(text), "answer": problem.answer, "correct": right, "text": text})
+    accuracy = {v: {str(b): {"correct": c, "n": n, "accuracy": c / n, "ci95": list(wilson(c, n)), "mean_tokens": t / n}
+                    for b, (c, n, t) in rows.items()} for v, rows in tally.items()}
+    return accuracy, answers

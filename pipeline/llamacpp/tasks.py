@@ -58,14 +58,13 @@ class LlamacppTasks(PerQuantType):
     def run(self, ctx: StageContext) -> None:
         from transformers import AutoTokenizer
 
-        from pipeline.engine.progress import progress
-        from pipeline.evaluation.tasks import SYSTEM, correct, extract, load_problems, user_prompt, wilson
+        from pipeline.evaluation.tasks import load_problems, run_tasks
 
         p = ctx.params
         problems = load_problems(ctx.sources["problems"], ctx.sources["problems"].name)[:p["limit"]]
         tokenizer = AutoTokenizer.from_pretrained(ctx.inputs["model"])
         model = gguf_in(ctx.inputs[quant_node(ctx.variant)])
-        runner, largest = host_tool(ctx, TASK_RUNNER), p["budgets"][-1]
+        runner = host_tool(ctx, TASK_RUNNER)
 
         def generate(system: str, user: str, budget: int) -> list[int]:
             prompt = tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}],
@@ -80,21 +79,8 @@ class LlamacppTasks(PerQuantType):
             text = out.stdout.removesuffix("\n").removesuffix(" [end of text]")
             return tokenizer(text, add_special_tokens=False)["input_ids"][:budget]
 
-        answers, tally = [], {v: {b: [0, 0, 0] for b in p["budgets"]} for v in p["prompts"]}  # correct, n, tokens
-        for i, problem in progress(enumerate(problems), f"{ctx.variant} tasks", "problem", len(problems)):
-            for variant in p["prompts"]:
-                once = None if variant == "budget_aware" else generate(SYSTEM[variant], problem.question, largest)
-                for budget in p["budgets"]:
-                    ids = once[:budget] if once is not None else \
-                        generate(SYSTEM[variant], user_prompt(variant, problem.question, budget), budget)
-                    text = tokenizer.decode(ids, skip_special_tokens=True)
-                    right = correct(text, problem.answer)
-                    row = tally[variant][budget]
-                    row[0], row[1], row[2] = row[0] + right, row[1] + 1, row[2] + len(ids)
-                    answers.append({"problem": i, "prompt": variant, "budget": budget, "tokens": len(ids),
-                                    "extracted": extract(text), "answer": problem.answer, "correct": right, "text": text})
-        accuracy = {v: {str(b): {"correct": c, "n": n, "accuracy": c / n, "ci95": list(wilson(c, n)),
-                                 "mean_tokens": t / n} for b, (c, n, t) in rows.items()} for v, rows in tally.items()}
+        accuracy, answers = run_tasks(problems, p["prompts"], p["budgets"], generate,
+                                      lambda ids: tokenizer.decode(ids, skip_special_tokens=True), f"{ctx.variant} tasks")
         result = {"type": ctx.variant, "label": p["label"], "problems": len(problems), "budgets": p["budgets"],
                   "prompts": p["prompts"], "runner": f"{TASK_RUNNER} (host build), greedy", "accuracy": accuracy}
         (ctx.out / TASKS_FILE).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

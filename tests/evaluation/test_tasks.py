@@ -58,3 +58,22 @@ def test_wilson_interval():
     low, high = wilson(50, 100)
     assert low == pytest.approx(0.4038, abs=1e-4) and high == pytest.approx(0.5962, abs=1e-4)
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+
+
+def test_run_tasks_generates_unstated_budgets_once_and_cuts_them():
+    from pipeline.evaluation.tasks import Problem, run_tasks
+
+    calls = []
+
+    def generate(system: str, user: str, budget: int) -> list[int]:  # ids are digits of the reply "1 2 ... 9"
+        calls.append((system[:30], user, budget))
+        return list(range(1, 10))[:budget]
+
+    problems = [Problem("Q one?", "4"), Problem("Q two?", "9")]
+    accuracy, answers = run_tasks(problems, ["step_by_step", "budget_aware"], [4, 9], generate,
+                                  lambda ids: " ".join(map(str, ids)), "test")
+    assert [c[2] for c in calls] == [9, 4, 9, 9, 4, 9]  # per problem: one cut generation, then one per budget
+    assert "UNDER 2 tokens" in calls[1][1] and "UNDER 4 tokens" in calls[2][1]
+    # the last number of "1 2 3 4" is 4 (right for problem one), of "1 … 9" is 9 (right for problem two)
+    assert accuracy["step_by_step"]["4"]["correct"] == 1 and accuracy["step_by_step"]["9"]["correct"] == 1
+    assert accuracy["budget_aware"]["9"]["mean_tokens"] == 9 and len(answers) == 2 * 2 * 2
