@@ -32,6 +32,7 @@ STAGES: dict[str, str] = {
     "qnn.genie_config": "pipeline.qnn.genie_config",
     "qnn.verify": "pipeline.qnn.verify",
     "qnn.perplexity": "pipeline.qnn.perplexity",
+    "qnn.tasks": "pipeline.qnn.tasks",
     "qnn.package": "pipeline.qnn.package",
     # llama.cpp: static builds for Arm boards, GGUF variants
     "llamacpp.source": "pipeline.llamacpp.source",
@@ -49,6 +50,7 @@ STAGES: dict[str, str] = {
     "mnn.config": "pipeline.mnn.config",
     "mnn.verify": "pipeline.mnn.verify",
     "mnn.perplexity": "pipeline.mnn.perplexity",
+    "mnn.tasks": "pipeline.mnn.tasks",
     "mnn.package": "pipeline.mnn.package",
     # hand-written int8 runtimes (KuiperLLama's format)
     "kuiper.export": "pipeline.kuiper.export",

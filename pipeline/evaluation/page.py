@@ -12,6 +12,7 @@ from pipeline.evaluation.html import esc, figure, table, write_page
 from pipeline.evaluation.logprobs import load_summary
 from pipeline.evaluation.plots import accuracy_curves, size_vs_ppl
 from pipeline.evaluation.quality import float_row, read_quality
+from pipeline.evaluation.task_stage import TASKS_FILE
 from pipeline.evaluation.tasks import budget_curves, latency_curves
 
 if TYPE_CHECKING:
@@ -102,8 +103,9 @@ def write_report(ctx: StageContext) -> None:
     p = ctx.params
     reference = load_summary(ctx.inputs["reference"])
     rows = [read_quality(d) for n, d in ctx.inputs.items() if n.partition("@")[0].endswith(".perplexity")]
-    results = {json.loads((d / "tasks.json").read_text())["type"]: json.loads((d / "tasks.json").read_text())
-               for n, d in sorted(ctx.inputs.items()) if n.partition("@")[0].endswith(".tasks")}
+    loaded = [json.loads((d / TASKS_FILE).read_text()) for n, d in sorted(ctx.inputs.items())
+              if n.partition("@")[0].endswith(".tasks")]
+    results = {r["type"]: r for r in loaded}
     body = _summary(ctx, p, reference)
     quality, ranked = _quality(ctx, reference, rows)
     body += quality

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from pipeline.recipe.load import Recipe
 
 RUNTIME = "mnn"  # the target runtime every stage here serves
-EXPORT, CONFIG, VERIFY, PERPLEXITY = "mnn.export", "mnn.config", "mnn.verify", "mnn.perplexity"
+EXPORT, CONFIG, VERIFY, PERPLEXITY, TASKS = "mnn.export", "mnn.config", "mnn.verify", "mnn.perplexity", "mnn.tasks"
 # mnn.config's settings that change the numbers (mnn.verify and mnn.perplexity key on them)
 NUMERIC_SETTINGS = ("precision", "memory", "quant_qkv")
 CONFIG_TEMPLATE = "mnn/config.json.j2"

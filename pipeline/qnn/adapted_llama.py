@@ -292,13 +292,15 @@ def resize_past(past: list[torch.Tensor], length: int) -> list[torch.Tensor]:
 
 
 def prefill_and_decode(steps: dict[int, Step], hf_model: nn.Module, ids: list[int], decode: int,
-                       context: int) -> tuple[torch.Tensor, list[int]]:
+                       context: int, stop: frozenset[int] = frozenset(), show: bool = True) -> tuple[torch.Tensor, list[int]]:
     """As Genie runs a model: the prompt through the widest AR graph, then `decode` greedy tokens
-    one by one through AR-1 (or the narrowest graph). Returns (logits of every prompt position and
-    decode step [len(ids) - 1 + decode + 1, vocab] → row i predicts token i + 1, generated tokens)."""
+    one by one through AR-1 (or the narrowest graph), ending early at a token in `stop` (not
+    kept). Returns (logits of every prompt position and decode step [len(ids) - 1 + decode + 1,
+    vocab] → row i predicts token i + 1, generated tokens). `show`: progress lines."""
     wide, narrow = max(steps), min(steps)
     got, past = [], None
-    for start in progress(range(0, len(ids), wide), f"prefill (AR-{wide})", "step"):
+    shown = progress if show else lambda items, *_: items
+    for start in shown(range(0, len(ids), wide), f"prefill (AR-{wide})", "step"):
         chunk = ids[start:start + wide]
         inputs = step_inputs(hf_model, chunk, start, wide, context, past)
         outputs = steps[wide](inputs)
@@ -307,8 +309,10 @@ def prefill_and_decode(steps: dict[int, Step], hf_model: nn.Module, ids: list[in
     generated: list[int] = []
     position = len(ids)
     past = resize_past(past, context - narrow)
-    for _ in progress(range(decode), f"decode (AR-{narrow})", "token"):
+    for _ in shown(range(decode), f"decode (AR-{narrow})", "token"):
         token = int(got[-1][-1].argmax())
+        if token in stop:
+            break
         generated.append(token)
         inputs = step_inputs(hf_model, [token], position, narrow, context, past)
         outputs = steps[narrow](inputs)

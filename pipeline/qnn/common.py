@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 RUNTIME = "genie"  # the target runtime every Qualcomm stage serves
 EXPORT, QUANTIZE, COMPILE, GENIE_CONFIG = "qnn.export", "qnn.quantize", "qnn.compile", "qnn.genie_config"
-PERPLEXITY = "qnn.perplexity"
+PERPLEXITY, TASKS = "qnn.perplexity", "qnn.tasks"
 BINARY_STEM = "weight_sharing_model_1_of_1.serialized"  # qnn-context-binary-generator appends ".bin"
 SHARED_BIN = BINARY_STEM + ".bin"  # the shipped weight-shared binary, whichever provider built it
 
