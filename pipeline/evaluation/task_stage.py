@@ -21,7 +21,10 @@ TASKS_FILE, ANSWERS_FILE = "tasks.json", "answers.jsonl"
 
 
 def chat_prompt(tokenizer: Any, system: str, user: str) -> str:
-    """The model's own chat template around one system and one user turn, ready for the reply."""
+    """The model's own chat template around one system and one user turn, ready for the reply; a
+    model without one (a base model) gets the two joined by a blank line and a line break."""
+    if not getattr(tokenizer, "chat_template", None):
+        return f"{system}\n\n{user}\n"
     return tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": user}],
                                          add_generation_prompt=True, tokenize=False)
 

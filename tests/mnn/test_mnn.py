@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import ROOT
 from pipeline.engine.errors import KilnError
 from pipeline.mnn.export import check_block
 from pipeline.mnn.runtime import MnnConfigParams, render_config
@@ -58,7 +59,9 @@ RECIPE = """\
 model: {name: tiny-bpe, hf_dir: MODEL}
 target: mnn_arm
 scheme: {use: mnn_int4_b64, weights: {bits: 4, granularity: per-block, block_size: BLOCK, symmetric: false}}
-eval: {perplexity: {window: 32, windows: 2}}
+eval:
+  perplexity: {window: 32, windows: 2}
+  tasks: {problems: PROBLEMS, label: Kiln arithmetic demo, limit: 2, budgets: [8, 16]}
 stages:
   mnn.config: {thread_num: THREADS}
   mnn.verify: {chat: The capital of Germany is, chat_tokens: 4, min_cosine: 0.5, match_tokens: 1}
@@ -71,7 +74,8 @@ def stage_keys(project, recipe: str) -> dict[str, str]:
 
 
 def recipe(model_dir, block: int, threads: int) -> str:
-    return RECIPE.replace("MODEL", str(model_dir)).replace("BLOCK", str(block)).replace("THREADS", str(threads))
+    return (RECIPE.replace("MODEL", str(model_dir)).replace("BLOCK", str(block)).replace("THREADS", str(threads))
+            .replace("PROBLEMS", str(ROOT / "recipes" / "tasks" / "kiln_arithmetic_demo.jsonl")))
 
 
 def test_stages_on_the_tiny_llama_and_a_thread_tweak_reruns_only_the_config(tiny_project, tiny_bpe_model_dir, htp_store):
@@ -100,6 +104,12 @@ def test_stages_on_the_tiny_llama_and_a_thread_tweak_reruns_only_the_config(tiny
     assert ppl["backend"] == "mnn" and ppl["tokens_scored"] == 30 == reference["float"]["tokens_scored"]
     assert 0 < ppl["kld"] < 1 and ppl["same_top_pct"] > 50  # 4-bit weights: close to the float model, not equal
     assert abs(ppl["ppl"] / reference["float"]["ppl"] - 1) < 0.5
+    # task accuracy through MNN's engine: 2 problems x 3 prompts x 2 budgets, replies within their budget
+    tasks = json.loads((out / "mnn.tasks" / "tasks.json").read_text())
+    assert tasks["type"] == "MNN" and tasks["problems"] == 2 and set(tasks["accuracy"]["budget_aware"]) == {"8", "16"}
+    answers = [json.loads(line) for line in (out / "mnn.tasks" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 12 and all(a["tokens"] <= a["budget"] for a in answers)
+    assert "tasks-step_by_step.svg" in (out / "report" / "index.html").read_text()
     to_device = out / "bundle" / "to_device"
     assert json.loads((to_device / "config.json").read_text())["thread_num"] == 4
     assert {"llm.mnn", "llm.mnn.weight", "tokenizer.mtok", "llm_config.json", "report", "run.sh"} <= \

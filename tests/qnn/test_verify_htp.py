@@ -15,9 +15,12 @@ RECIPE = tiny_htp_recipe({"qnn.compile": "{finalization_level: 1}", "qnn.verify"
     '{text_tokens: 20, decode_steps: 2, prompts: ["w1 w2 w3 w4"], max_new_tokens: 3, match_tokens: 2}')})
 
 
-def test_simulator_and_genie_agree_with_the_float_model(tiny_htp_project):
-    tiny_htp_project.write("tv.yaml", RECIPE)
-    tiny_htp_project.doit("recipe=tv", "tv:qnn.verify", "tv:qnn.perplexity")
+def test_simulator_and_genie_agree_with_the_float_model(tiny_htp_project, tmp_path):
+    problems = tmp_path / "problems.jsonl"  # short: the tiny graphs hold 64 tokens, prompt and reply together
+    problems.write_text('{"question": "w1 w2 ?", "answer": 3}\n{"question": "w4 w5 ?", "answer": 9}\n')
+    tiny_htp_project.write("tv.yaml", RECIPE + f"eval:\n  tasks: {{problems: {problems}, label: tiny, limit: 2, "
+                                               "budgets: [4, 8], prompts: [step_by_step]}\n")
+    tiny_htp_project.doit("recipe=tv", "tv:qnn.verify", "tv:qnn.perplexity", "tv:qnn.tasks")
     out = tiny_htp_project.artifacts / "tv" / "qnn.verify"
     report = json.loads((out / "verify.json").read_text())
     n = report["numerics"]
@@ -40,6 +43,11 @@ def test_simulator_and_genie_agree_with_the_float_model(tiny_htp_project):
     assert ppl["kld"] < 0.05 and ppl["same_top_pct"] >= 80 and abs(ppl["ppl"] / reference["float"]["ppl"] - 1) < 0.1
     compiled = out.parent / "qnn.compile"
     assert ppl["size_bytes"] == sum(b.stat().st_size for b in compiled.rglob("*.bin")) > 0
+    # task accuracy through the QDQ graphs: AR-16 prefill, AR-1 decode, one reply per problem cut at 4 and 8
+    tasks = json.loads((out.parent / "qnn.tasks" / "tasks.json").read_text())
+    assert tasks["type"] == "QDQ" and set(tasks["accuracy"]) == {"step_by_step"} and tasks["problems"] == 2
+    answers = [json.loads(line) for line in (out.parent / "qnn.tasks" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 4 and all(a["tokens"] <= a["budget"] for a in answers)
 
 
 @pytest.mark.slow  # 60-90 s: compile, simulator and Genie over four part graphs
