@@ -93,6 +93,7 @@ class LlamacppPerplexity(LlamacppStage):
                         reference / REFERENCE_FILE, "--kl-divergence", "-c", window, "-b", window, "-t", threads()],
                        capture=True, echo=True)
         stats = parse_kld(out.stdout, summary["windows"])
+        stats["tokens_scored"] = summary["float"]["tokens_scored"]  # the same positions of the same windows
         base = stats.pop("ppl_base", None)
         if base is not None and abs(base / summary["float"]["ppl_base"] - 1) > 1e-3:
             raise KilnError(f"llama-perplexity read the reference's perplexity as {base:.4f}, Kiln wrote "

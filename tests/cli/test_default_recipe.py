@@ -61,7 +61,8 @@ def test_default_recipe_end_to_end(default_project):
     #    MNN's engine answered.
     out = p.doit().stdout
     assert set(re.findall(r"kiln: \S+:(\S+): built ", out)) == {
-        "model", "mnn.export", "mnn.config", "mnn.verify", "mnn.package", "bundle"}
+        "model", "text", "reference", "mnn.export", "mnn.config", "mnn.verify", "mnn.perplexity", "report",
+        "mnn.package", "bundle"}
     bundle = p.artifacts / DEFAULT / "bundle"
     tarball = bundle / f"{DEFAULT}.tar.gz"
     shown = Settings.from_env().shown
