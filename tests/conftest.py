@@ -44,7 +44,8 @@ class Project:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
-        env.update(KILN_RECIPES=str(self.recipes), KILN_ARTIFACTS=str(self.artifacts), KILN_STORE=str(self.store))
+        env.update(KILN_RECIPES=str(self.recipes), KILN_ARTIFACTS=str(self.artifacts), KILN_STORE=str(self.store),
+                   KILN_JOBS=os.environ.get("KILN_JOBS") or worker_threads())
         env.update(extra)
         env.pop("SOURCE_DATE_EPOCH", None)
         return env
@@ -75,6 +76,14 @@ class Project:
         return subprocess.Popen([sys.executable, "-m", "doit", "-f", str(self.root / "dodo.py"), "--dir", str(self.root), *args],
                                 env=self.env(**extra_env), stdout=stdout, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def worker_threads() -> str:
+    """Threads (and build jobs) per test worker: the cores shared out among xdist's workers. ggml's
+    threads spin while they wait for each other, so two workers each running `-t 2` on two cores
+    made llama-completion 5x slower than `-t 1` (measured 2026-12-02: 7.6 s vs 0.8 s a reply)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return str(max(1, (os.cpu_count() or 2) // workers))
 
 
 def new_project(directory: Path) -> Project:

@@ -91,7 +91,7 @@ def test_default_recipe_end_to_end(default_project):
     proc = subprocess.run([sys.executable, "-m", "pipeline", "reproduce"], env=p.env(), capture_output=True,
                           text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"reproduce {DEFAULT}: 6 of 6 stages identical" in proc.stdout
+    assert f"reproduce {DEFAULT}: 10 of 10 stages identical" in proc.stdout
     assert sha256(tarball) == first_tar and ": built" not in p.doit().stdout
 
 

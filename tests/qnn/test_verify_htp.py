@@ -19,7 +19,7 @@ def test_simulator_and_genie_agree_with_the_float_model(tiny_htp_project, tmp_pa
     problems = tmp_path / "problems.jsonl"  # short: the tiny graphs hold 64 tokens, prompt and reply together
     problems.write_text('{"question": "w1 w2 ?", "answer": 3}\n{"question": "w4 w5 ?", "answer": 9}\n')
     tiny_htp_project.write("tv.yaml", RECIPE + f"eval:\n  tasks: {{problems: {problems}, label: tiny, limit: 2, "
-                                               "budgets: [4, 8], prompts: [step_by_step]}\n")
+                                               "budgets: [8, 16], prompts: [step_by_step]}\n")
     tiny_htp_project.doit("recipe=tv", "tv:qnn.verify", "tv:qnn.perplexity", "tv:qnn.tasks")
     out = tiny_htp_project.artifacts / "tv" / "qnn.verify"
     report = json.loads((out / "verify.json").read_text())
@@ -43,7 +43,7 @@ def test_simulator_and_genie_agree_with_the_float_model(tiny_htp_project, tmp_pa
     assert ppl["kld"] < 0.05 and ppl["same_top_pct"] >= 80 and abs(ppl["ppl"] / reference["float"]["ppl"] - 1) < 0.1
     compiled = out.parent / "qnn.compile"
     assert ppl["size_bytes"] == sum(b.stat().st_size for b in compiled.rglob("*.bin")) > 0
-    # task accuracy through the QDQ graphs: AR-16 prefill, AR-1 decode, one reply per problem cut at 4 and 8
+    # task accuracy through the QDQ graphs: AR-16 prefill, AR-1 decode, one reply per problem cut at 8 and 16
     tasks = json.loads((out.parent / "qnn.tasks" / "tasks.json").read_text())
     assert tasks["type"] == "QDQ" and set(tasks["accuracy"]) == {"step_by_step"} and tasks["problems"] == 2
     answers = [json.loads(line) for line in (out.parent / "qnn.tasks" / "answers.jsonl").read_text().splitlines()]
