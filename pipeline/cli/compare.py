@@ -42,7 +42,7 @@ def compare(names: list[str], settings: Settings, out_dir: Path) -> tuple[Path, 
     """Write the page; return it and the Markdown tables printed for the terminal."""
     from pipeline.evaluation.html import esc, figure, table, write_page
     from pipeline.evaluation.plots import size_vs_ppl
-    from pipeline.evaluation.quality import float_row, quality_table
+    from pipeline.evaluation.quality import QUALITY_HEADERS, float_row, quality_cells, quality_table
 
     groups: dict[str, tuple[dict[str, Any], list[dict[str, Any]], list[str]]] = {}
     for name in dict.fromkeys(names):
@@ -58,16 +58,12 @@ def compare(names: list[str], settings: Settings, out_dir: Path) -> tuple[Path, 
         protocol = (f"{summary['windows']} windows of {summary['window']} tokens of the evaluation text, tokenized once; "
                     f"the second half of each window scored ({summary['float']['tokens_scored']} tokens); KL divergence "
                     "and top-1 agreement against the float model's log-probabilities")
-        cells = [[i + 1, r["name"], r["label"], f"{r['size_bytes'] / 2**20:.1f}", f"{r['ppl']:.4f}",
-                  "—" if r.get("ppl_err") is None else f"{r['ppl_err']:.4f}",
-                  "—" if r["backend"] == "float" else f"{(r['ppl'] / base['ppl'] - 1) * 100:+.2f}%",
-                  "—" if r.get("kld") is None else f"{r['kld']:.5f}",
-                  "—" if r.get("same_top_pct") is None else f"{r['same_top_pct']:.2f}%"] for i, r in enumerate(ranked)]
+        cells = [[i + 1, *quality_cells(r, base["ppl"], r["name"])] for i, r in enumerate(ranked)]
         plot = PLOT.format(n=n)
         size_vs_ppl(ranked, out_dir / plot, f"{', '.join(recipes)}: size vs perplexity")
         body += [f"<h2>Model group {n}: {esc(', '.join(recipes))}</h2>", f"<p>{esc(protocol)}.</p>",
-                 table(["rank", "variant · recipe", "runs on", "size (MiB)", "PPL", "±", "Δ vs float", "KLD vs float",
-                        "same top-1"], cells, numeric={0, 3, 4, 5, 6, 7, 8}, caption="ranked by perplexity"),
+                 table(["rank", "variant · recipe", *QUALITY_HEADERS[1:]], cells, numeric={0, 3, 4, 5, 6, 7, 8},
+                       caption="ranked by perplexity"),
                  figure(plot, f"size on disk vs perplexity, model group {n}")]
         text += [f"## {', '.join(recipes)}", "", protocol + ".", "",
                  quality_table([{**r, "variant": r["name"]} for r in ranked], base["ppl"]), ""]

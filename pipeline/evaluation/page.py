@@ -11,7 +11,7 @@ from pipeline.engine.tools import require_exe
 from pipeline.evaluation.html import esc, figure, table, write_page
 from pipeline.evaluation.logprobs import load_summary
 from pipeline.evaluation.plots import accuracy_curves, size_vs_ppl
-from pipeline.evaluation.quality import float_row, read_quality
+from pipeline.evaluation.quality import QUALITY_HEADERS, float_row, quality_cells, read_quality
 from pipeline.evaluation.task_stage import TASKS_FILE
 from pipeline.evaluation.tasks import budget_curves, latency_curves
 
@@ -51,15 +51,11 @@ def _quality(ctx: StageContext, reference: dict[str, Any], rows: list[dict[str, 
     base = {**float_row(reference), "name": "float32 HF"}
     ranked = sorted([base, *({**r, "name": r["variant"]} for r in rows)], key=lambda r: r["ppl"])
     size_vs_ppl(ranked, ctx.out / "quality.svg", f"{ctx.recipe_name}: size on disk vs perplexity")
-    cells = [[r["name"], r["label"], f"{r['size_bytes'] / 2**20:.1f}", f"{r['ppl']:.4f}",
-              "—" if r.get("ppl_err") is None else f"{r['ppl_err']:.4f}",
-              "—" if r is base else f"{(r['ppl'] / base['ppl'] - 1) * 100:+.2f}%",
-              "—" if r.get("kld") is None else f"{r['kld']:.5f}",
-              "—" if r.get("same_top_pct") is None else f"{r['same_top_pct']:.2f}%"] for r in ranked]
+    cells = [quality_cells(r, base["ppl"], r["name"]) for r in ranked]
     body = ["<h2>Quality</h2>",
             "<p>Every variant scored on the same token ids by the same rule, with its own runtime's numerics; KL "
             "divergence and top-1 agreement against the float model's log-probabilities.</p>",
-            table(["variant", "runs on", "size (MiB)", "PPL", "±", "Δ vs float", "KLD vs float", "same top-1"], cells,
+            table(QUALITY_HEADERS, cells,
                   numeric={2, 3, 4, 5, 6, 7}, caption="ranked by perplexity"),
             figure("quality.svg", "size on disk vs perplexity")]
     return body, ranked
