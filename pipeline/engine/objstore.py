@@ -113,11 +113,18 @@ class Bucket:
 
     # --- writes ---
     def upload(self, key: str, path: Path) -> None:
-        """A file, streamed: multipart above PART bytes, every part SHA-256-checked by the server."""
+        """A file, streamed: multipart above PART bytes, every part SHA-256-checked by the server.
+        A multipart upload the server no longer knows (NoSuchUpload: a completion whose reply was
+        lost and was retried, or an upload aborted server-side) is RemoteUnavailable: the caller
+        looks at what the bucket holds and tries again."""
         import obstore
 
         with open(path, "rb") as f:
-            self._call(obstore.put, key, f, chunk_size=PART, max_concurrency=PARTS_IN_FLIGHT)
+            try:
+                self._call(obstore.put, key, f, chunk_size=PART, max_concurrency=PARTS_IN_FLIGHT)
+            except FileNotFoundError:
+                raise RemoteUnavailable(f"remote store {self.url}: the multipart upload of {key} was lost "
+                                        "(NoSuchUpload)") from None
 
     def create(self, key: str, data: bytes) -> bool:
         """Write `data` unless the key exists (the server decides: If-None-Match); False when it did."""

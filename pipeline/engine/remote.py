@@ -32,7 +32,7 @@ import blake3
 
 from pipeline.engine.errors import KilnError
 from pipeline.engine.keys import canonical_json, output_digest
-from pipeline.engine.objstore import Bucket
+from pipeline.engine.objstore import Bucket, RemoteUnavailable
 from pipeline.engine.store import Store, file_entry, output_files, remove_tree
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -110,13 +110,21 @@ class RemoteTier:
         if self.bucket.size(name) == size:
             moved.present += 1
             return
+        failure: RemoteUnavailable | None = None
         for _ in (1, 2):
-            self.bucket.upload(name, path)
-            if self.bucket.size(name) == size:
+            try:
+                self.bucket.upload(name, path)
+            except RemoteUnavailable as e:  # the upload may still have landed (a lost reply): look
+                failure = e
+            held = self.bucket.size(name)
+            if held == size:
                 moved.files += 1
                 moved.bytes += size
                 return
-            self.bucket.delete(name)
+            if held is not None:
+                self.bucket.delete(name)
+        if failure is not None:
+            raise failure
         raise KilnError(f"{self.url}/{name}: the bucket holds a different size than the {size} bytes uploaded, twice")
 
     # --- pull ---

@@ -219,6 +219,49 @@ def test_a_malformed_bucket_url_is_refused(url):
         parse_url(url)
 
 
+def lose_uploads(monkeypatch, land: list[bool]) -> list[str]:
+    """obstore.put as a flaky server makes it: each call to it pops `land` (does the upload reach the
+    bucket?) and then fails as a multipart upload whose completion reply was lost does (obstore's
+    abort meets NoSuchUpload: FileNotFoundError). Returns the keys it was called with."""
+    import obstore
+
+    real, calls = obstore.put, []
+
+    def put(store, key, data, **kwargs):
+        if kwargs.get("mode") == "create" or not land:  # records and manifests, or no fault left
+            return real(store, key, data, **kwargs)
+        calls.append(key)
+        if land.pop(0):
+            real(store, key, data, **kwargs)
+        raise FileNotFoundError(f"Object at location {key} not found: NoSuchUpload")
+
+    monkeypatch.setattr(obstore, "put", put)
+    return calls
+
+
+def test_an_upload_whose_reply_was_lost_is_found_in_the_bucket_or_sent_again(tmp_path, s3_server, bucket_url,
+                                                                             monkeypatch):
+    a = Store(tmp_path / "a")
+    key = new_key()
+    entry(a, key, {"model.bin": os.urandom(5000)})
+    lost = lose_uploads(monkeypatch, [True, False])  # 1st blob landed despite the error; 2nd did not
+    pushed = tier(s3_server, bucket_url).push(a, key)
+    assert (pushed.files, len(lost)) == (3, 2)       # both counted as sent; the 2nd was sent again
+    got, _ = tier(s3_server, bucket_url).pull(Store(tmp_path / "b"), key)
+    assert (Store(tmp_path / "b").out(got) / "model.bin").read_bytes() == (a.out(got) / "model.bin").read_bytes()
+
+
+def test_an_upload_lost_twice_fails_naming_the_bucket_and_pushes_no_record(tmp_path, s3_server, bucket_url,
+                                                                          monkeypatch):
+    a = Store(tmp_path / "a")
+    key = new_key()
+    entry(a, key, {"model.bin": os.urandom(5000)})
+    lose_uploads(monkeypatch, [False, False])
+    with pytest.raises(RemoteUnavailable, match=rf"^remote store {bucket_url}: the multipart upload of blobs/.* was lost"):
+        tier(s3_server, bucket_url).push(a, key)
+    assert tier(s3_server, bucket_url).pull(Store(tmp_path / "b"), key) is None
+
+
 @pytest.mark.slow
 def test_a_1gb_file_goes_up_and_down_in_parts_with_flat_memory(tmp_path, s3_server, bucket_url):
     """1 GiB through multipart upload and a streamed download, in a process whose peak RSS is
