@@ -1,6 +1,8 @@
-"""Writes kiln_arithmetic_demo.jsonl: Kiln's own grade-school arithmetic word problems for the
-task-accuracy demo. NOT GSM8K: small numbers, one or two steps, so that a 135M model answers a
-fair share of them (GSM8K is far beyond it). Deterministic (seeded); run from the repository
+"""Writes kiln_arithmetic_demo.jsonl: Kiln's own one-step arithmetic problems for the task-accuracy
+demo, word problems and bare expressions in turn. NOT GSM8K: numbers below 10, one step, so that
+a 135M model answers a fair share of them (GSM8K is far beyond it). Why the mix: on the word
+problems alone SmolLM2-135M's Q8_0 scored 16-19% at 256 tokens (100 problems, 2026-12-02), on bare
+expressions 40-76% (25-problem probes): half of each puts it inside 20-80% with every prompt. Deterministic (seeded); run from the repository
 root: `.venv/bin/python recipes/tasks/make_arithmetic_demo.py`."""
 from __future__ import annotations
 
@@ -12,7 +14,18 @@ NAMES = ["Tom", "Anna", "Ravi", "Mei", "Lucas", "Sara", "Omar", "Lena", "Kofi", 
 THINGS = ["apples", "pencils", "stickers", "marbles", "books", "cookies", "stamps", "shells"]
 
 
-def one(rng: random.Random, kind: int) -> dict[str, object]:
+def expression(rng: random.Random, kind: int) -> dict[str, object]:
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    if kind == 0:
+        return {"question": f"What is {a} + {b}?", "answer": a + b}
+    if kind == 1:
+        a, b = max(a, b) + 2, min(a, b)
+        return {"question": f"What is {a} - {b}?", "answer": a - b}
+    a, b = rng.randint(2, 5), rng.randint(2, 5)
+    return {"question": f"What is {a} times {b}?", "answer": a * b}
+
+
+def word_problem(rng: random.Random, kind: int) -> dict[str, object]:
     name = rng.choice(NAMES)
     thing = rng.choice(THINGS)
     a, b = rng.randint(1, 9), rng.randint(1, 9)
@@ -30,7 +43,7 @@ def one(rng: random.Random, kind: int) -> dict[str, object]:
 
 def main() -> None:
     rng = random.Random(20261202)
-    problems = [one(rng, i % 5) for i in range(120)]
+    problems = [word_problem(rng, i // 2 % 5) if i % 2 == 0 else expression(rng, i // 2 % 3) for i in range(120)]
     out = Path(__file__).with_name("kiln_arithmetic_demo.jsonl")
     out.write_text("".join(json.dumps(p, sort_keys=True) + "\n" for p in problems))
     print(f"wrote {len(problems)} problems to {out}")
