@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.engine.plan import plan, resolve  # noqa: E402
 from pipeline.engine.settings import Settings  # noqa: E402
 from pipeline.engine.store import Store  # noqa: E402
-from pipeline.evaluation.tasks import latency_curves  # noqa: E402
+from pipeline.evaluation.tasks import budget_rows, latency_curves  # noqa: E402
 from pipeline.registry import load_recipe  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     for name, r in results.items():
         for prompt, rows in r["accuracy"].items():
             cells = [f"{100 * x['accuracy']:.0f}% [{100 * x['ci95'][0]:.0f}, {100 * x['ci95'][1]:.0f}] "
-                     f"({x['mean_tokens']:.0f} tok)" for x in rows.values()]
+                     f"({x['mean_tokens']:.0f} tok)" for _, x in budget_rows(rows)]
             print(f"| {name} | {prompt} | " + " | ".join(cells) + " |")
     latency = recipe.spec.eval.latency
     if latency:

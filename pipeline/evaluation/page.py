@@ -13,7 +13,7 @@ from pipeline.evaluation.logprobs import load_summary
 from pipeline.evaluation.plots import accuracy_curves, size_vs_ppl
 from pipeline.evaluation.quality import QUALITY_HEADERS, float_row, quality_cells, read_quality
 from pipeline.evaluation.task_stage import TASKS_FILE
-from pipeline.evaluation.tasks import budget_curves, latency_curves
+from pipeline.evaluation.tasks import budget_curves, budget_rows, latency_curves
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -74,7 +74,7 @@ def _tasks(ctx: StageContext, results: dict[str, dict], latency: dict | None) ->
                         "most generated tokens (budget)")
         figures.append(name)
         cells = [[t, *(f"{100 * r['accuracy']:.1f}% [{100 * r['ci95'][0]:.0f}, {100 * r['ci95'][1]:.0f}]"
-                       for r in res["accuracy"][prompt].values())] for t, res in results.items()]
+                       for _, r in budget_rows(res["accuracy"][prompt]))] for t, res in results.items()]
         body += [f"<h3>{esc(PROMPT_TITLES[prompt])}</h3>", figure(name, f"accuracy vs budget, {prompt}"),
                  table(["variant", *(f"{b} tokens" for b in first["budgets"])], cells,
                        numeric=set(range(1, len(first["budgets"]) + 1)), caption="accuracy [95% Wilson interval]")]

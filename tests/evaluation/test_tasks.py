@@ -77,3 +77,16 @@ def test_run_tasks_generates_unstated_budgets_once_and_cuts_them():
     # the last number of "1 2 3 4" is 4 (right for problem one), of "1 … 9" is 9 (right for problem two)
     assert accuracy["step_by_step"]["4"]["correct"] == 1 and accuracy["step_by_step"]["9"]["correct"] == 1
     assert accuracy["budget_aware"]["9"]["mean_tokens"] == 9 and len(answers) == 2 * 2 * 2
+
+
+def test_budgets_come_back_in_numeric_order_after_the_json_round_trip():
+    """tasks.json has sorted keys ("128" < "32" as text); tables and curves must follow the budgets."""
+    import json
+
+    from pipeline.evaluation.tasks import budget_curves, budget_rows
+
+    rows = {str(b): {"accuracy": b / 1000, "ci95": [0, 1]} for b in (32, 64, 128, 256)}
+    stored = json.loads(json.dumps({"accuracy": {"step_by_step": rows}}, sort_keys=True))
+    assert list(stored["accuracy"]["step_by_step"]) == ["128", "256", "32", "64"]  # what the file holds
+    assert [b for b, _ in budget_rows(stored["accuracy"]["step_by_step"])] == [32, 64, 128, 256]
+    assert [x for x, *_ in budget_curves({"Q8_0": stored}, "step_by_step")["Q8_0"]] == [32, 64, 128, 256]
