@@ -19,7 +19,8 @@ sys.path.insert(0, str(ROOT))
 from pipeline.engine.plan import plan, resolve  # noqa: E402
 from pipeline.engine.settings import Settings  # noqa: E402
 from pipeline.engine.store import Store  # noqa: E402
-from pipeline.evaluation.tasks import budget_rows, latency_curves  # noqa: E402
+from pipeline.evaluation.page import budget_rows  # noqa: E402
+from pipeline.evaluation.tasks import latency_curves  # noqa: E402
 from pipeline.registry import load_recipe  # noqa: E402
 
 

@@ -13,7 +13,7 @@ from pipeline.evaluation.logprobs import load_summary
 from pipeline.evaluation.plots import accuracy_curves, size_vs_ppl
 from pipeline.evaluation.quality import QUALITY_HEADERS, float_row, quality_cells, read_quality
 from pipeline.evaluation.task_stage import TASKS_FILE
-from pipeline.evaluation.tasks import budget_curves, budget_rows, latency_curves
+from pipeline.evaluation.tasks import budget_curves, latency_curves
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -59,6 +59,13 @@ def _quality(ctx: StageContext, reference: dict[str, Any], rows: list[dict[str, 
                   numeric={2, 3, 4, 5, 6, 7}, caption="ranked by perplexity"),
             figure("quality.svg", "size on disk vs perplexity")]
     return body, ranked
+
+
+def budget_rows(rows: dict[str, dict]) -> list[tuple[int, dict]]:
+    """One prompt's {budget: figures} from tasks.json as (budget, figures), smallest budget first:
+    the file is written with sorted keys, and "128" sorts before "32" as text. (Here, not in
+    tasks.py: that module is part of every tasks stage's key.)"""
+    return sorted((int(b), r) for b, r in rows.items())
 
 
 def _tasks(ctx: StageContext, results: dict[str, dict], latency: dict | None) -> tuple[list[str], list[str]]:

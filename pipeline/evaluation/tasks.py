@@ -146,15 +146,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def budget_rows(rows: dict[str, dict]) -> list[tuple[int, dict]]:
-    """One prompt's {budget: figures} as (budget, figures), smallest budget first: tasks.json is
-    written with sorted keys, and "128" sorts before "32" as text."""
-    return sorted((int(b), r) for b, r in rows.items())
-
-
 def budget_curves(results: dict[str, dict], prompt: str) -> dict[str, list[tuple[float, float, float, float]]]:
     """Per variant (quant type): (budget, accuracy, CI low, CI high) of one prompt variant."""
-    return {t: [(float(b), r["accuracy"], *r["ci95"]) for b, r in budget_rows(res["accuracy"][prompt])]
+    return {t: [(float(b), r["accuracy"], *r["ci95"]) for b, r in res["accuracy"][prompt].items()]
             for t, res in results.items() if prompt in res["accuracy"]}
 
 

@@ -83,10 +83,9 @@ def test_budgets_come_back_in_numeric_order_after_the_json_round_trip():
     """tasks.json has sorted keys ("128" < "32" as text); tables and curves must follow the budgets."""
     import json
 
-    from pipeline.evaluation.tasks import budget_curves, budget_rows
+    from pipeline.evaluation.page import budget_rows
 
     rows = {str(b): {"accuracy": b / 1000, "ci95": [0, 1]} for b in (32, 64, 128, 256)}
     stored = json.loads(json.dumps({"accuracy": {"step_by_step": rows}}, sort_keys=True))
     assert list(stored["accuracy"]["step_by_step"]) == ["128", "256", "32", "64"]  # what the file holds
     assert [b for b, _ in budget_rows(stored["accuracy"]["step_by_step"])] == [32, 64, 128, 256]
-    assert [x for x, *_ in budget_curves({"Q8_0": stored}, "step_by_step")["Q8_0"]] == [32, 64, 128, 256]
