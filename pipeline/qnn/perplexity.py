@@ -52,7 +52,7 @@ class QnnPerplexity(GraphStage):
             return run_steps(step, model, ids[:first + n], main["ar"], context)[first:first + n].numpy()
 
         stats, summary = score_windows(ctx.inputs["reference"], logits_of, "QDQ graph perplexity")
-        binaries = sorted(ctx.inputs[COMPILE].rglob("*.bin"))
+        binaries = sorted((ctx.inputs[COMPILE] / "shared").glob("*.bin"))  # what ships (unshared/ feeds the simulator)
         label = f"{ctx.params['scheme']} QDQ ONNX, onnxruntime CPU (AR-{main['ar']}, context {context})"
         write_quality(ctx.out, quality_row("qnn", "qdq", label, ", ".join(b.name for b in binaries),
                                            sum(b.stat().st_size for b in binaries), stats, summary))
