@@ -65,7 +65,7 @@ class LlamacppBuild(LlamacppStage):
     """llama.cpp tools for this host and for the target."""
 
     name = BUILD
-    version = 2
+    version = 3  # 3: ggml's commit string no longer taken from a git repository around the store
     Params = BuildParams
     resource = "heavy"
 
@@ -125,8 +125,13 @@ class LlamacppBuild(LlamacppStage):
                                         emulator=shutil.which("qemu-aarch64-static")))
             flags.append(f"-DCMAKE_TOOLCHAIN_FILE={toolchain}")
         store_root = ctx.cache.parent
+        # ggml's CMakeLists asks `git rev-parse HEAD` in its own folder and compiles the answer in;
+        # the source tree has no .git, so git would find whatever repository holds the store (a
+        # Kiln checkout: its commit) and the binaries' bytes would depend on where the store is.
+        # Git stops at the tree: ggml's commit reads "unknown" everywhere.
         env = {"CCACHE_DIR": str(ctx.cache / "ccache"), "CCACHE_BASEDIR": str(store_root),
-               "CCACHE_NOHASHDIR": "1", "CCACHE_COMPILERCHECK": "content", "CCACHE_MAXSIZE": "2G"}
+               "CCACHE_NOHASHDIR": "1", "CCACHE_COMPILERCHECK": "content", "CCACHE_MAXSIZE": "2G",
+               "GIT_CEILING_DIRECTORIES": str(Path(tree).resolve().parent)}
         if shutil.which("ccache"):
             flags += ["-DCMAKE_C_COMPILER_LAUNCHER=ccache", "-DCMAKE_CXX_COMPILER_LAUNCHER=ccache"]
         else:

@@ -60,6 +60,12 @@ def test_bundle_holds_static_aarch64_binaries(rk):
                       "SmolLM2-135M-Instruct-Q8_0.gguf"]
     manifest = json.loads((to_device / "manifest.json").read_text())
     assert "run.sh" in manifest["files"] and "bin/llama-completion" in manifest["files"]
+    # the store sits inside this checkout: its commit must not be compiled into ggml (bytes would
+    # then depend on where the store is); ggml_commit() reads "unknown"
+    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    binary = (to_device / "bin" / "llama-completion").read_bytes()
+    assert len(head) == 7 and b"\0" + head.encode() + b"\0" not in binary  # as a C string
 
 
 def test_run_sh_under_qemu_prints_coherent_text(rk):
