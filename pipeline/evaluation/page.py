@@ -78,7 +78,7 @@ def _tasks(ctx: StageContext, results: dict[str, dict], latency: dict | None) ->
     for prompt in first["prompts"]:
         name = f"tasks-{prompt}.svg"
         accuracy_curves(budget_curves(results, prompt), ctx.out / name, f"accuracy vs token budget: {PROMPT_TITLES[prompt]}",
-                        "most generated tokens (budget)")
+                        "most generated tokens (budget)", list(results))
         figures.append(name)
         cells = [[t, *(f"{100 * r['accuracy']:.1f}% [{100 * r['ci95'][0]:.0f}, {100 * r['ci95'][1]:.0f}]"
                        for _, r in budget_rows(res["accuracy"][prompt]))] for t, res in results.items()]
@@ -94,7 +94,8 @@ def _tasks(ctx: StageContext, results: dict[str, dict], latency: dict | None) ->
             if not curves:
                 continue
             name = f"latency-{prompt}.svg"
-            accuracy_curves(curves, ctx.out / name, f"accuracy at equal latency: {PROMPT_TITLES[prompt]}", unit)
+            accuracy_curves(curves, ctx.out / name, f"accuracy at equal latency: {PROMPT_TITLES[prompt]}", unit,
+                            list(results))
             figures.append(name)
             body.append(figure(name, f"accuracy vs latency, {prompt}"))
             if missing:

@@ -45,12 +45,15 @@ def size_vs_ppl(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     save_svg(fig, path)
 
 
-def _curves(ax: Any, curves: dict[str, list[tuple[float, float, float, float]]]) -> None:
-    """One line per name through (x, accuracy, ci low, ci high) points, the interval shaded."""
+def _curves(ax: Any, curves: dict[str, list[tuple[float, float, float, float]]], variants: list[str]) -> None:
+    """One line per name through (x, accuracy, ci low, ci high) points, the interval shaded; a
+    variant's colour is its place in `variants` (the page's every variant), so it keeps its
+    colour in a plot that leaves another out."""
     for name, points in curves.items():
         xs, ys, lo, hi = zip(*sorted(points), strict=True)
-        ax.plot(xs, [100 * y for y in ys], marker="o", label=name)
-        ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], alpha=0.12)
+        color = f"C{variants.index(name) % 10}"
+        ax.plot(xs, [100 * y for y in ys], marker="o", label=name, color=color)
+        ax.fill_between(xs, [100 * v for v in lo], [100 * v for v in hi], alpha=0.12, color=color)
     ax.set_ylabel("accuracy (%), 95% interval shaded")
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
@@ -58,10 +61,10 @@ def _curves(ax: Any, curves: dict[str, list[tuple[float, float, float, float]]])
 
 
 def accuracy_curves(curves: dict[str, list[tuple[float, float, float, float]]], path: Path, title: str,
-                    xlabel: str, log_x: bool = True) -> None:
+                    xlabel: str, variants: list[str], log_x: bool = True) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    _curves(ax, curves)
+    _curves(ax, curves, variants)
     if log_x:
         ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)

@@ -89,3 +89,22 @@ def test_budgets_come_back_in_numeric_order_after_the_json_round_trip():
     stored = json.loads(json.dumps({"accuracy": {"step_by_step": rows}}, sort_keys=True))
     assert list(stored["accuracy"]["step_by_step"]) == ["128", "256", "32", "64"]  # what the file holds
     assert [b for b, _ in budget_rows(stored["accuracy"]["step_by_step"])] == [32, 64, 128, 256]
+
+
+def test_a_variant_keeps_its_colour_in_a_plot_that_leaves_another_out(tmp_path):
+    """The latency plots leave out a variant without a device speed: the others keep the colours
+    they have in the budget plots (matplotlib's cycle would shift them)."""
+    import re
+
+    from pipeline.evaluation.plots import accuracy_curves
+
+    point = [(32.0, 0.2, 0.1, 0.3), (64.0, 0.3, 0.2, 0.4)]
+    variants = ["Q2_K", "Q4_K_M", "Q8_0"]
+    accuracy_curves(dict.fromkeys(variants, point), tmp_path / "all.svg", "t", "x", variants)
+    accuracy_curves({"Q2_K": point, "Q8_0": point}, tmp_path / "some.svg", "t", "x", variants)
+
+    def strokes(name: str) -> set[str]:
+        return set(re.findall(r"stroke: (#[0-9a-f]{6})", (tmp_path / name).read_text())) - {"#000000", "#b0b0b0", "#cccccc"}
+
+    assert len(strokes("all.svg")) == 3
+    assert strokes("some.svg") == strokes("all.svg") - {"#ff7f0e"}  # C1, Q4_K_M's, is the one missing
