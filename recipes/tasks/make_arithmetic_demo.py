@@ -2,8 +2,9 @@
 demo, word problems and bare expressions in turn. NOT GSM8K: numbers below 10, one step, so that
 a 135M model answers a fair share of them (GSM8K is far beyond it). Why the mix: on the word
 problems alone SmolLM2-135M's Q8_0 scored 16-19% at 256 tokens (100 problems, 2026-12-02), on bare
-expressions 40-76% (25-problem probes): half of each puts it inside 20-80% with every prompt. Deterministic (seeded); run from the repository
-root: `.venv/bin/python recipes/tasks/make_arithmetic_demo.py`."""
+expressions 40-76% (25-problem probes): half of each puts it inside 20-80% with every prompt.
+Deterministic (seeded); run from the repository root:
+`.venv/bin/python recipes/tasks/make_arithmetic_demo.py`."""
 from __future__ import annotations
 
 import json
