@@ -136,10 +136,12 @@ def compare_logits(a: Any, b: Any, tie_margin: float) -> dict[str, float]:
     near-tie (b's logit of a's top token within `tie_margin` of b's top), and cosine."""
     import torch
 
-    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
-    picked = b.float().gather(-1, a.argmax(-1, keepdim=True)).squeeze(-1)
-    return {"top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean()),
-            "top1_outside_ties": float((picked >= b.float().max(-1).values - tie_margin).float().mean()),
+    a, b = a.float(), b.float()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    top = a.argmax(-1)
+    picked = b.gather(-1, top.unsqueeze(-1)).squeeze(-1)
+    return {"top1_agreement": float((top == b.argmax(-1)).float().mean()),
+            "top1_outside_ties": float((picked >= b.max(-1).values - tie_margin).float().mean()),
             "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
