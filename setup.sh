@@ -59,4 +59,11 @@ PY
   echo "$want" > "$stamp"
 fi
 
+# Bytecode: where PYTHONDONTWRITEBYTECODE=1 is set (the machines Kiln is developed on set it), every stage process
+# would compile torch's and transformers' sources again (~10 s a process). The venv's interpreter
+# writes bytecode all the same, under .venv/pycache (sys.pycache_prefix), never beside the sources.
+site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+printf '%s\n' "import os, sys; sys.dont_write_bytecode = False; sys.pycache_prefix = sys.pycache_prefix or os.path.join(sys.prefix, 'pycache')" \
+  > "$site/kiln-bytecode.pth"
+
 "$VENV/bin/python" -m pipeline fetch

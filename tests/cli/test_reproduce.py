@@ -16,6 +16,7 @@ def reproduce(project, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=project.root)
 
 
+@pytest.mark.slow
 def test_a_deterministic_recipe_reproduces_and_the_store_is_left_as_it_was(tiny_project):
     tiny_project.doit("recipe=tiny")
     store = Store(tiny_project.store)

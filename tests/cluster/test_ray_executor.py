@@ -22,7 +22,7 @@ from tests.s3_server import CREDENTIALS
 ray_cluster_utils = pytest.importorskip("ray.cluster_utils", reason="the ray extra (setup.sh installs it)")
 
 # one worker: the cluster is the module's, the local reference build's entries are the session's
-pytestmark = pytest.mark.xdist_group("htp_store")
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("htp_store")]
 # a dead node noticed within ~2 s (defaults: 20-70 s)
 FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
                       "health_check_failure_threshold": 2, "health_check_timeout_ms": 1000}

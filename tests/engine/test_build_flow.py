@@ -40,6 +40,7 @@ def test_build_then_noop_then_comment_edit(tiny_project):
     assert built(third.stdout) == []
 
 
+@pytest.mark.slow
 def test_tweak_reruns_downstream_only_and_explain_names_it(tiny_project):
     tiny_project.doit("recipe=tiny")
     recipe = tiny_project.recipes / "tiny.yaml"
@@ -130,6 +131,7 @@ def test_hub_id_resolves_offline_from_hf_cache(project, tiny_model_dir, tmp_path
     assert summary["num_layers"] == 2
 
 
+@pytest.mark.slow
 def test_verify_quarantine_then_rebuild_relinks_the_workspace(tiny_project):
     """An entry found corrupted is quarantined; the rebuild under the same key must replace the
     workspace's files (which were links to the corrupted ones), not keep them."""

@@ -40,6 +40,7 @@ def append(path, text: str) -> None:
     path.write_text(path.read_text() + text)
 
 
+@pytest.mark.slow
 def test_a_comment_in_a_stage_rebuilds_it_alone_and_explain_says_so(copied):
     p = copied
     assert built(p.doit("recipe=tiny").stdout) == ["model", "bundle"]
@@ -86,6 +87,7 @@ def test_when_the_bytes_differ_everything_downstream_rebuilds(copied):
     assert re.search(r"tiny:model \[\w+…\]: " + UP_TO_DATE + r"; last build: rebuilt \(source changed\) → new output", explain)
 
 
+@pytest.mark.slow
 def test_a_tool_version_change_rebuilds_the_stage_that_lists_it_and_stops(tiny_project, monkeypatch):
     settings = tiny_project.settings(monkeypatch)
     specs = plan(load_recipe("tiny", settings))

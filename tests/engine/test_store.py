@@ -256,6 +256,7 @@ def test_gc_keeps_needed_entries_and_applies_age_and_budget(tiny_project, monkey
     assert set(store.outputs()) == needed and len(list(store.actions())) == 2  # over budget, yet what recipes need stays
 
 
+@pytest.mark.slow
 def test_gc_recipes_names_which_recipes_are_live(tiny_project, monkeypatch):
     """With --recipes, only the named recipes' entries (and workspaces') stay; an unknown name is refused."""
     settings = tiny_project.settings(monkeypatch)

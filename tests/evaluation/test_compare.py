@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from pipeline import ROOT
 
 
@@ -15,6 +17,7 @@ def compare(project, *names: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_recipes_on_one_model_share_one_ranked_table_and_plot(tiny_project):
     kuiper = "extends: tiny\ntarget: kuiper\ncontext_length: 128\nscheme: {use: kuiper_int8_g64%s}\n"
     tiny_project.write("k64.yaml", kuiper % "")

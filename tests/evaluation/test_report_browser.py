@@ -40,6 +40,7 @@ def rendered(page: Path) -> dict[str, str]:
     return found
 
 
+@pytest.mark.slow
 def test_every_figure_loads_in_chromium_and_a_deleted_one_is_caught(tiny_project, tmp_path):
     tiny_project.write("kb.yaml", "extends: tiny\ntarget: kuiper\ncontext_length: 128\nscheme: kuiper_int8_g64\n")
     tiny_project.doit("recipe=kb")

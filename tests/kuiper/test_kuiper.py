@@ -140,6 +140,7 @@ def test_header_for_refuses_what_the_format_cannot_hold(change, problem):
         header_for(cfg, 64, 2048, shared=True)
 
 
+@pytest.mark.slow
 def test_stage_exports_and_verifies_the_tiny_llama_and_refuses_a_4bit_scheme(tiny_project):
     import json
 

@@ -78,6 +78,7 @@ def recipe(model_dir, block: int, threads: int) -> str:
             .replace("PROBLEMS", str(ROOT / "recipes" / "tasks" / "kiln_arithmetic_demo.jsonl")))
 
 
+@pytest.mark.slow
 def test_stages_on_the_tiny_llama_and_a_thread_tweak_reruns_only_the_config(tiny_project, tiny_bpe_model_dir, htp_store):
     tiny_project.shared_store = htp_store  # the tiny models' model stage, built once per session
     tiny_project.write("tm.yaml", recipe(tiny_bpe_model_dir, 64, 4))

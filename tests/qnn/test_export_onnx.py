@@ -76,6 +76,7 @@ def test_io_names_and_kv_layout_follow_genie():
     assert tuple(out[1].shape) == (2, 1, 16, 4) and tuple(out[2].shape) == (2, 1, 4, 16)  # new K, new V only
 
 
+@pytest.mark.slow
 def test_export_stage_on_tiny_model(tiny_project):
     tiny_project.write("tiny_npu.yaml", """\
         extends: tiny

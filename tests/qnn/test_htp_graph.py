@@ -154,6 +154,7 @@ def test_renamed_part_graphs_keep_ar_and_part_whatever_the_model_name(tmp_path):
         rename_compiled_graph(names[1][0], names[1][1])
 
 
+@pytest.mark.slow
 def test_two_parts_chained_compute_exactly_the_whole_device_graph(tiny_htp_project):
     """The cut itself, without a compile (tests/qnn/test_verify_htp.py runs the parts on the
     simulator and in Genie, slowly): part 1's quantized residual fed to part 2 gives bit for bit

@@ -23,6 +23,7 @@ def built(out: str) -> list[str]:
     return re.findall(r"kiln: \S+:(\S+): built ", out)
 
 
+@pytest.mark.slow
 def test_qnn_compile_shared_and_unshared_then_soc_change_recompiles_only(tiny_htp_project):
     tiny_htp_project.write("tq.yaml", RECIPE.replace("SOC", "sm8750"))
     tiny_htp_project.doit("recipe=tq", "tq:qnn.compile")

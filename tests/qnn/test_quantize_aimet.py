@@ -17,6 +17,7 @@ RECIPE = tiny_htp_recipe(scheme="w4a16_kv8", algorithm="ALGO", scheme_extra="eng
 
 
 @pytest.mark.parametrize("algorithm", ["rtn", "seqmse"])
+@pytest.mark.slow
 def test_aimet_engine_encodings_validate_and_qdq_matches_aimet_sim(tiny_htp_project, algorithm):
     tiny_htp_project.write("ta.yaml", RECIPE.replace("ALGO", algorithm))
     tiny_htp_project.doit("recipe=ta", "ta:qnn.quantize")

@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from pipeline.qnn.quant import encodings
 from tests.conftest import tiny_htp_recipe
 
@@ -16,6 +18,7 @@ def built(out: str) -> list[str]:
     return re.findall(r"kiln: \S+:(\S+): built ", out)
 
 
+@pytest.mark.slow
 def test_quantize_stage_outputs_then_algorithm_change_reruns_only_quantize(tiny_htp_project):
     tiny_htp_project.write("tq.yaml", RECIPE.replace("ALGO", "rtn"))
     tiny_htp_project.doit("recipe=tq", "tq:qnn.quantize")

@@ -15,6 +15,7 @@ RECIPE = tiny_htp_recipe({"qnn.compile": "{finalization_level: 1}", "qnn.verify"
     '{text_tokens: 20, decode_steps: 2, prompts: ["w1 w2 w3 w4"], max_new_tokens: 3, match_tokens: 2}')})
 
 
+@pytest.mark.slow
 def test_simulator_and_genie_agree_with_the_float_model(tiny_htp_project, tmp_path):
     problems = tmp_path / "problems.jsonl"  # short: the tiny graphs hold 64 tokens, prompt and reply together
     problems.write_text('{"question": "w1 w2 ?", "answer": 3}\n{"question": "w4 w5 ?", "answer": 9}\n')
