@@ -42,7 +42,8 @@ def compare(names: list[str], settings: Settings, out_dir: Path) -> tuple[Path, 
     """Write the page; return it and the Markdown tables printed for the terminal."""
     from pipeline.evaluation.html import esc, figure, table, write_page
     from pipeline.evaluation.plots import size_vs_ppl
-    from pipeline.evaluation.quality import QUALITY_HEADERS, float_row, quality_cells, quality_table
+    from pipeline.evaluation.quality import float_row
+    from pipeline.evaluation.quality_table import QUALITY_HEADERS, quality_cells, quality_table
 
     groups: dict[str, tuple[dict[str, Any], list[dict[str, Any]], list[str]]] = {}
     for name in dict.fromkeys(names):

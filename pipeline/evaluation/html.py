@@ -8,7 +8,7 @@ from typing import Any
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.3em .6em}
-td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}caption{text-align:left;color:#555}
+td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}th[scope=row]{text-align:left}caption{text-align:left;color:#555}
 img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;padding:0 .2em}"""
 
 
@@ -23,6 +23,12 @@ def table(headers: list[str], rows: list[list[Any]], numeric: set[int] = frozens
                    + "</tr>" for r in rows)
     cap = f"<caption>{esc(caption)}</caption>" if caption else ""
     return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def key_values(rows: list[list[Any]]) -> str:
+    """A two-column table whose first column heads its row (no empty header row above it)."""
+    body = "".join(f'<tr><th scope="row">{esc(k)}</th><td>{esc(v)}</td></tr>' for k, v in rows)
+    return f"<table><tbody>{body}</tbody></table>"
 
 
 def page(title: str, body: list[str]) -> str:

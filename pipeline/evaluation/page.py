@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.engine.proc import run_tool
 from pipeline.engine.tools import require_exe
-from pipeline.evaluation.html import esc, figure, table, write_page
+from pipeline.evaluation.html import esc, figure, key_values, table, write_page
 from pipeline.evaluation.logprobs import load_summary
 from pipeline.evaluation.plots import accuracy_curves, size_vs_ppl
-from pipeline.evaluation.quality import QUALITY_HEADERS, float_row, quality_cells, read_quality
+from pipeline.evaluation.quality import float_row, read_quality
+from pipeline.evaluation.quality_table import QUALITY_HEADERS, quality_cells
 from pipeline.evaluation.task_stage import TASKS_FILE
 from pipeline.evaluation.tasks import budget_curves, latency_curves
 
@@ -44,7 +45,7 @@ def _summary(ctx: StageContext, p: dict[str, Any], reference: dict[str, Any]) ->
             ["context length", p["context_length"]],
             ["perplexity protocol", f"{reference['windows']} windows of {reference['window']} tokens of the evaluation "
                                     f"text, second halves scored ({reference['float']['tokens_scored']} tokens)"]]
-    return ["<h2>Summary</h2>", table(["", ""], rows)]
+    return ["<h2>Summary</h2>", key_values(rows)]
 
 
 def _quality(ctx: StageContext, reference: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[str], list[dict]]:

@@ -27,7 +27,7 @@ class Report(Stage):
     """The recipe's evaluation page (report/index.html): quality, task accuracy, latency curves, stage graph."""
 
     name = "report"
-    version = 2  # 2: task tables in budget order (they followed tasks.json's text-sorted keys)
+    version = 3  # 2: task tables in budget order (not tasks.json's text-sorted keys); 3: summary rows headed, no "-0" KLD
     Params = NoParams
     tools = ("python", "matplotlib", "deb:graphviz")
     runtimes = EVALUATED_RUNTIMES

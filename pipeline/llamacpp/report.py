@@ -38,7 +38,8 @@ class LlamacppReport(LlamacppStage):
 
     def run(self, ctx: StageContext) -> None:
         from pipeline.evaluation.logprobs import load_summary
-        from pipeline.evaluation.quality import float_row, quality_table, read_quality
+        from pipeline.evaluation.quality import float_row, read_quality
+        from pipeline.evaluation.quality_table import quality_table
 
         summary = load_summary(ctx.inputs["reference"])
         ppl = [read_quality(d) for n, d in ctx.inputs.items() if n.startswith(PERPLEXITY)]
