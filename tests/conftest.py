@@ -45,7 +45,8 @@ class Project:
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
         env.update(KILN_RECIPES=str(self.recipes), KILN_ARTIFACTS=str(self.artifacts), KILN_STORE=str(self.store),
-                   KILN_JOBS=os.environ.get("KILN_JOBS") or worker_threads())
+                   KILN_JOBS=os.environ.get("KILN_JOBS") or worker_threads(),
+                   KILN_BUILD_JOBS=os.environ.get("KILN_BUILD_JOBS") or str(os.cpu_count() or 2))
         env.update(extra)
         env.pop("SOURCE_DATE_EPOCH", None)
         return env
@@ -81,7 +82,9 @@ class Project:
 def worker_threads() -> str:
     """Threads (and build jobs) per test worker: the cores shared out among xdist's workers. ggml's
     threads spin while they wait for each other, so two workers each running `-t 2` on two cores
-    made llama-completion 5x slower than `-t 1` (measured 2026-12-02: 7.6 s vs 0.8 s a reply)."""
+    made llama-completion 5x slower than `-t 1` (measured 2026-12-02: 7.6 s vs 0.8 s a reply).
+    Compiles (KILN_BUILD_JOBS) keep every core: compilers do not spin, and the llama.cpp e2e module's
+    two cold builds are CI's longest path."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     return str(max(1, (os.cpu_count() or 2) // workers))
 

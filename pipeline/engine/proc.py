@@ -49,6 +49,23 @@ def _echoed(args: list[str], env: dict[str, str], cwd: Path | None) -> subproces
     return subprocess.CompletedProcess(args, rc, stdout=kept.decode(errors="replace"), stderr="")
 
 
+def _count(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not (raw.isdigit() and 1 <= int(raw) <= 1024):
+        raise KilnError(f"{name}={raw[:40]!r}: expected a whole number from 1 to 1024")
+    return int(raw)
+
+
 def threads() -> str:
-    """Threads for host tools (llama.cpp, MNN): not part of any key (results do not depend on it)."""
-    return os.environ.get("KILN_JOBS") or str(os.cpu_count() or 2)
+    """Threads for host tools (llama.cpp's -t, MNN's thread_num): KILN_JOBS, else every core. Part
+    of no key: results do not depend on it."""
+    return str(_count("KILN_JOBS", os.cpu_count() or 2))
+
+
+def build_jobs() -> str:
+    """Parallel compile jobs (`cmake --build -j`): KILN_BUILD_JOBS, else as many as threads(). Apart
+    from the threads because compilers do not spin while they wait as ggml's threads do: a test
+    worker runs its tools on its share of the cores, yet compiles on all of them."""
+    return str(_count("KILN_BUILD_JOBS", int(threads())))

@@ -9,7 +9,6 @@ with paths made relative to the store, so a rebuild of a new key reuses objects.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +17,7 @@ from pydantic import Field
 
 from pipeline.engine.errors import KilnError
 from pipeline.engine.fields import CmakeDefine, Token
-from pipeline.engine.proc import run_tool
+from pipeline.engine.proc import build_jobs, run_tool
 from pipeline.engine.stage import StageContext, Strict
 from pipeline.engine.templating import TEMPLATES
 from pipeline.llamacpp.common import BUILD, SOURCE, SOURCE_INFO, TASK_RUNNER, LlamacppStage
@@ -137,8 +136,7 @@ class LlamacppBuild(LlamacppStage):
         else:
             ctx.log.info("ccache not found (apt-get install ccache): building without it")
         run_tool(["cmake", "-S", tree, "-B", build, *flags], env=env)
-        jobs = os.environ.get("KILN_JOBS") or str(os.cpu_count() or 2)
-        run_tool(["cmake", "--build", build, "--target", *p["tools"], "-j", jobs], env=env)
+        run_tool(["cmake", "--build", build, "--target", *p["tools"], "-j", build_jobs()], env=env)
         (ctx.out / "bin").mkdir()
         info = {}
         for tool in p["tools"]:

@@ -118,8 +118,20 @@ def test_a_stage_that_does_not_fit_waits_for_the_memory(tiny_project):
     ("KILN_MEMORY_GB", "nan", "'nan' is not a size in GB"),
     ("KILN_HEAVY_SLOTS", "two", "KILN_HEAVY_SLOTS / [tool.kiln].heavy_slots: 'two' is not a slot count (1 to 256)"),
     ("KILN_HEAVY_SLOTS", "0", "'0' is not a slot count"),
+    ("KILN_JOBS", "-t 1", "KILN_JOBS='-t 1': expected a whole number from 1 to 1024"),
+    ("KILN_BUILD_JOBS", "0", "KILN_BUILD_JOBS='0': expected a whole number from 1 to 1024"),
 ])
 def test_bad_settings_in_the_environment_are_named(tiny_project, name, value, message):
     proc = tiny_project.doit("recipe=tiny", check=False, **{name: value})
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tiny_project.store / "outputs").exists()
+
+
+def test_compile_jobs_follow_their_own_setting_else_the_threads(monkeypatch):
+    from pipeline.engine.proc import build_jobs, threads
+
+    monkeypatch.setenv("KILN_JOBS", "1")
+    monkeypatch.delenv("KILN_BUILD_JOBS", raising=False)
+    assert (threads(), build_jobs()) == ("1", "1")
+    monkeypatch.setenv("KILN_BUILD_JOBS", "2")
+    assert (threads(), build_jobs()) == ("1", "2")
