@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import ROOT
 from pipeline.engine.errors import KilnError
-from pipeline.engine.proc import build_jobs, threads
+from pipeline.engine.proc import build_jobs
 
 if TYPE_CHECKING:
     from pipeline.engine.remote import RemoteTier
@@ -72,7 +72,7 @@ class Settings:
             **_remote(_store_table(conf)),
             **_executor(conf),
         )
-        threads(), build_jobs()  # a bad KILN_JOBS / KILN_BUILD_JOBS is refused before any stage runs
+        build_jobs()  # reads KILN_JOBS (its default) and KILN_BUILD_JOBS: a bad one is refused before any stage runs
         if settings.executor == "ray" and settings.ray_store == "remote" and not settings.remote:
             raise KilnError("KILN_RAY_STORE=remote: the Ray nodes exchange inputs and outputs through the remote "
                             "tier, and none is configured (KILN_REMOTE or [tool.kiln.store].remote)")
