@@ -26,6 +26,9 @@ LocalPath = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]+$", max
 DeviceDir = Annotated[str, StringConstraints(pattern=r"^(/[A-Za-z0-9._-]+)+/?$", max_length=255)]
 # A Hugging Face repo id (`org/name`) and a revision (branch, tag or commit).
 HubId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=200)]
+# A file inside a source tree, relative to one of its folders: plain names, no `..`, no leading `/`.
+TreeFile = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9._+-]*(/[A-Za-z0-9_][A-Za-z0-9._+-]*)*$",
+                                            max_length=255)]
 Revision = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")]
 # A cmake -D option: `-DNAME=value` or `-DNAME:TYPE=value`, value without spaces or shell/CMake syntax.
 CmakeDefine = Annotated[str, StringConstraints(pattern=r"^-D[A-Za-z_][A-Za-z0-9_]*(:[A-Z]+)?=[A-Za-z0-9._+,/=-]*$")]

@@ -155,6 +155,8 @@ def test_cmake_toolchain(project, monkeypatch, tmp_path):
     ("target.cpu.core", "a)\nexecute_process(COMMAND touch M)"), ("target.cpu.march", "armv8 -o x"),
     ("stages.qnn.package.device_dir", "/data/'x'"), ("stages.qnn.package.device_dir", "relative"),
     ("stages.llamacpp.build.cmake_args", ["-DX=1 -DY=2"]), ("stages.llamacpp.build.host_tools", ["a b"]),
+    ("stages.llamacpp.build.unity_targets", ["llama-common;ggml"]), ("stages.llamacpp.build.unity_skip", ["../x.cpp"]),
+    ("stages.llamacpp.build.unity_skip", ["/abs.cpp"]), ("stages.llamacpp.build.unity_batch", 1),
     ("stages.mnn.config.tmp_path", "/tmp/$(x)"), ("model.hub_id", "org/name; x"), ("model.revision", "-rf"),
 ])
 def test_values_of_the_wrong_shape_are_refused(project, monkeypatch, field, value):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 
 import pytest
 
@@ -11,6 +12,7 @@ from pipeline.engine.errors import KilnError
 from pipeline.engine.plan import plan
 from pipeline.engine.templating import render
 from pipeline.generic.text import overlap
+from pipeline.llamacpp.build import KILN_CMAKE
 from pipeline.llamacpp.elf import describe
 from pipeline.registry import load_recipe
 
@@ -119,6 +121,71 @@ def test_compiler_version_enters_the_key(project, monkeypatch):
     after = keys(project, monkeypatch)
     assert after["llamacpp.build@rk3568"] != before["llamacpp.build@rk3568"]
     assert after["llamacpp.build@host"] == before["llamacpp.build@host"]
+
+
+def test_unity_build_options_enter_both_builds_and_can_be_turned_off(project, monkeypatch):
+    project.write("r.yaml", RK)
+    specs = {s.stage: s for s in plan(load_recipe("r", project.settings(monkeypatch)))}
+    for node in ("llamacpp.build@host", "llamacpp.build@rk3568"):
+        assert specs[node].material["params"]["unity_args"] == [
+            "-DKILN_UNITY_TARGETS=llama-common", "-DKILN_UNITY_BATCH=8", "-DKILN_UNITY_SKIP=json.cpp"]
+        assert "kiln_cmake" in specs[node].material["sources"]
+    project.write("r.yaml", RK + "stages:\n  llamacpp.build: {unity_targets: []}\n")
+    off = {s.stage: s for s in plan(load_recipe("r", project.settings(monkeypatch)))}
+    for node in ("llamacpp.build@host", "llamacpp.build@rk3568"):
+        assert off[node].material["params"]["unity_args"][0] == "-DKILN_UNITY_TARGETS="
+        assert off[node].key != specs[node].key
+    assert off["llamacpp.convert"].key == specs["llamacpp.convert"].key
+
+
+UNITY_PROJECT = {
+    "CMakeLists.txt": "cmake_minimum_required(VERSION 3.19)\nproject(t CXX)\nadd_subdirectory(lib)\n"
+                      "add_executable(app main.cpp)\ntarget_link_libraries(app lib)\n",
+    "lib/CMakeLists.txt": "add_library(lib STATIC a.cpp b.cpp c.cpp)\n",
+    "lib/a.cpp": "static int twice(int x) { return 2 * x; }\nint a() { return twice(1); }\n"
+                 "const char *where() { return __FILE__; }\n",
+    "lib/b.cpp": "int b() { return 3; }\n",
+    "lib/c.cpp": "static int twice(int x) { return x + x; }\nint c() { return twice(2); }\n",  # clashes with a.cpp
+    "main.cpp": "#include <cstdio>\nint a(); int b(); int c(); const char *where();\n"
+                "int main() { std::printf(\"%d %s %s\\n\", a() + b() + c(), where(), __FILE__); }\n",
+}
+
+
+def configure_unity_project(tmp_path, targets: str, skip: str):
+    tree = tmp_path / "tree"
+    for name, text in UNITY_PROJECT.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text(text)
+    build = tmp_path / "build"
+    return build, subprocess.run(
+        ["cmake", "-S", tree, "-B", build, f"-DCMAKE_PROJECT_INCLUDE={KILN_CMAKE}", f"-DKILN_UNITY_TARGETS={targets}",
+         "-DKILN_UNITY_BATCH=8", f"-DKILN_UNITY_SKIP={skip}"], capture_output=True, text=True, timeout=120)
+
+
+def test_kiln_cmake_batches_a_target_skips_listed_files_and_keeps_file_names_relative(tmp_path):
+    """kiln_build.cmake on a three-file library: a.cpp and c.cpp define the same static function, so
+    the build only links when c.cpp is compiled alone; __FILE__, in a batch (included by absolute
+    path) or not (CMake passes absolute paths), is relative to the tree."""
+    build, done = configure_unity_project(tmp_path, "lib", "c.cpp")
+    assert done.returncode == 0, done.stderr
+    batches = list((build / "lib" / "CMakeFiles" / "lib.dir" / "Unity").glob("unity_*_cxx.cxx"))
+    assert len(batches) == 1
+    text = batches[0].read_text()
+    assert "a.cpp" in text and "b.cpp" in text and "c.cpp" not in text
+    made = subprocess.run(["cmake", "--build", build, "-j", "2"], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stdout + made.stderr
+    out = subprocess.run([build / "app"], capture_output=True, text=True, timeout=60).stdout
+    assert out == "9 lib/a.cpp main.cpp\n"  # 2 + 3 + 4; no path outside the tree
+
+
+def test_kiln_cmake_without_the_skip_fails_and_names_a_missing_target(tmp_path):
+    build, done = configure_unity_project(tmp_path / "noskip", "lib", "")
+    assert done.returncode == 0, done.stderr
+    made = subprocess.run(["cmake", "--build", build], capture_output=True, text=True, timeout=300)
+    assert made.returncode != 0 and "twice" in made.stdout + made.stderr  # the clash the skip list avoids
+    _, done = configure_unity_project(tmp_path / "missing", "lib;llama-common", "")
+    assert done.returncode != 0
+    assert "no target 'llama-common'" in done.stderr and "stages.llamacpp.build.unity_targets" in done.stderr
 
 
 def test_switching_quant_type_keeps_builds(project, monkeypatch):

@@ -66,6 +66,8 @@ def test_bundle_holds_static_aarch64_binaries(rk):
                           text=True).stdout.strip()
     binary = (to_device / "bin" / "llama-completion").read_bytes()
     assert len(head) == 7 and b"\0" + head.encode() + b"\0" not in binary  # as a C string
+    # nor the store's path (__FILE__ of sources compiled by absolute path: kiln_build.cmake maps it)
+    assert all(str(root).encode() not in binary for root in (project.store, project.store.resolve()))
 
 
 def test_run_sh_under_qemu_prints_coherent_text(rk):
