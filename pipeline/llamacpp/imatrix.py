@@ -23,7 +23,7 @@ class LlamacppImatrix(LlamacppStage):
     """Importance matrix for quantization."""
 
     name = IMATRIX
-    version = 1
+    version = 2  # 2: the calibration file named without the store's path
     Params = ImatrixParams
 
     @classmethod
@@ -34,6 +34,9 @@ class LlamacppImatrix(LlamacppStage):
 
     def run(self, ctx: StageContext) -> None:
         p = ctx.params
+        # llama-imatrix records the file name it read in the imatrix, and llama-quantize copies it
+        # into the quantized GGUF's metadata: a bare name run from the text's folder keeps the
+        # store's path (where the store is) out of both files' bytes.
         run_tool([host_tool(ctx, "llama-imatrix"), "-m", gguf_in(ctx.inputs[CONVERT]),
-                  "-f", ctx.inputs["text"] / "calibration.txt", "-o", ctx.out / "imatrix.gguf",
-                  "-c", p["ctx_size"], "--chunks", p["chunks"], "-t", threads()])
+                  "-f", "calibration.txt", "-o", ctx.out / "imatrix.gguf",
+                  "-c", p["ctx_size"], "--chunks", p["chunks"], "-t", threads()], cwd=ctx.inputs["text"])

@@ -34,7 +34,7 @@ class LlamacppQuantize(PerQuantType):
     """Float GGUF → quantized GGUF (types and imatrix come from the scheme)."""
 
     name = QUANTIZE
-    version = 1
+    version = 2  # 2: the imatrix named without the store's path
     Params = QuantizeParams
 
     @classmethod
@@ -52,6 +52,9 @@ class LlamacppQuantize(PerQuantType):
     def run(self, ctx: StageContext) -> None:
         src = gguf_in(ctx.inputs[CONVERT])
         out = ctx.out / ctx.params["file"]
-        imatrix = ["--imatrix", ctx.inputs[IMATRIX] / "imatrix.gguf"] if ctx.params["imatrix"] else []
-        run_tool([host_tool(ctx, "llama-quantize"), *imatrix, src, out, ctx.params["type"], threads()])
+        # llama-quantize writes the imatrix's file name into the GGUF's metadata: a bare name, run
+        # from the imatrix's folder, keeps the store's path out of the shipped model's bytes
+        imatrix = ["--imatrix", "imatrix.gguf"] if ctx.params["imatrix"] else []
+        run_tool([host_tool(ctx, "llama-quantize"), *imatrix, src, out, ctx.params["type"], threads()],
+                 cwd=ctx.inputs[IMATRIX] if ctx.params["imatrix"] else None)
         ctx.log.info(f"{out.name}: {out.stat().st_size / 1e6:.1f} MB (from {src.name}, {src.stat().st_size / 1e6:.1f} MB)")

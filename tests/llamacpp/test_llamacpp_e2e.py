@@ -153,6 +153,10 @@ def test_imatrix_option_quantizes_with_calibration_text(rk):
     assert re.search(r"imat:llamacpp\.quantize@Q4_K_M: (built|hit|reused) ", out)
     imatrix = project.artifacts / "imat" / "llamacpp.imatrix" / "imatrix.gguf"
     assert imatrix.stat().st_size > 10_000
+    # the calibration file is named without the store's path, in the imatrix and the GGUF it quantized
+    quantized = next((project.artifacts / "imat" / "llamacpp.quantize@Q4_K_M").glob("*.gguf")).read_bytes()
+    for data in (imatrix.read_bytes(), quantized):
+        assert b"calibration.txt" in data and all(str(r).encode() not in data for r in (project.store, project.store.resolve()))
     with_imatrix = json.loads((project.artifacts / "imat" / "llamacpp.perplexity@Q4_K_M" / "perplexity.json").read_text())
     without = json.loads((project.artifacts / RECIPE / "llamacpp.perplexity@Q4_K_M" / "perplexity.json").read_text())
     # calibration (Genesis) is disjoint from evaluation (Exodus); the imatrix must not hurt
